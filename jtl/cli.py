@@ -1,0 +1,115 @@
+"""``jtl`` command line: train | eval | predict | export | bench | show-config."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(asctime)s %(name)s: %(message)s", datefmt="%H:%M:%S")
+    logging.getLogger("jtl").setLevel(logging.INFO)
+    for noisy in ("absl", "orbax", "jax._src"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def cmd_train(args) -> int:
+    from jtl import config
+    cfg = config.load(args.config, args.overrides)
+    if cfg.task.kind in ("mlm", "clm"):
+        from jtl.pretrain import pretrain
+        summary = pretrain(cfg, _weights_loader(cfg))
+    else:
+        from jtl.finetune import finetune
+        summary = finetune(cfg)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def _weights_loader(cfg):
+    if not cfg.model.init_from:
+        return None
+    from jtl.weights import params_loader
+    return params_loader(cfg)
+
+
+def cmd_show_config(args) -> int:
+    import yaml
+    from jtl import config
+    cfg = config.load(args.config, args.overrides)
+    print(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())), sort_keys=False))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from jtl.finetune import evaluate_run
+    print(json.dumps(evaluate_run(args.run, args.config, args.overrides, split=args.split), indent=2))
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from jtl.finetune import predict_file
+    n = predict_file(args.run, args.input, args.output, args.overrides)
+    print(f"wrote {n} predictions to {args.output}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from jtl.weights import export_run
+    export_run(args.run, args.out)
+    print(f"exported {args.run} to {args.out}")
+    return 0
+
+
+def cmd_bench(args) -> int:
+    from jtl.bench import main as bench_main
+    return bench_main(args.rest)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="jtl", description="JAX transfer learning")
+    parser.add_argument("-q", "--quiet", action="store_true")
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("train", help="pretrain or fine-tune: jtl train CONFIG [key=value ...]")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_train)
+    p = sub.add_parser("show-config", help="print the resolved config")
+    p.add_argument("config")
+    p.add_argument("overrides", nargs="*")
+    p.set_defaults(fn=cmd_show_config)
+    p = sub.add_parser("eval", help="evaluate a fine-tuned run: jtl eval RUN_DIR [CONFIG] [key=value ...]")
+    p.add_argument("run")
+    p.add_argument("config", nargs="?")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--split", default="validation")
+    p.set_defaults(fn=cmd_eval)
+    p = sub.add_parser("predict", help="jtl predict RUN_DIR --input in.jsonl --output out.jsonl")
+    p.add_argument("run")
+    p.add_argument("overrides", nargs="*")
+    p.add_argument("--input", required=True)
+    p.add_argument("--output", required=True)
+    p.set_defaults(fn=cmd_predict)
+    p = sub.add_parser("export", help="jtl export RUN_DIR OUT_DIR (Hugging Face folder)")
+    p.add_argument("run")
+    p.add_argument("out")
+    p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("bench", help="throughput/MFU/memory benchmarks (jtl bench --help)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_bench)
+    args = parser.parse_args(argv)
+    _setup_logging(not args.quiet)
+    from jtl.config import ConfigError
+    from jtl.data.sources import DataError
+    try:
+        return args.fn(args)
+    except (ConfigError, DataError) as e:
+        print(f"jtl: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

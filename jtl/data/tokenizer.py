@@ -1,0 +1,92 @@
+"""Fast tokenizers: load from a HF folder / tokenizer.json, or train a small one from data."""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Iterable
+
+from jtl.config import ConfigError
+
+log = logging.getLogger(__name__)
+
+ENCODER_SPECIALS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+DECODER_SPECIALS = ["<|endoftext|>"]
+
+
+def load_tokenizer(path: str):
+    """A ``PreTrainedTokenizerFast`` from a folder (tokenizer.json, or vocab.txt for BERT)
+    or a tokenizer.json file. Never runs remote code."""
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    p = Path(path)
+    if p.is_file():
+        if p.suffix != ".json":
+            raise ConfigError(f"data.tokenizer={path!r}: expected a tokenizer.json file or a folder")
+        tok = PreTrainedTokenizerFast(tokenizer_file=str(p))
+        cfg_file = p.with_name("tokenizer_config.json")
+        if cfg_file.exists():
+            tok = AutoTokenizer.from_pretrained(str(p.parent), trust_remote_code=False)
+        return tok
+    if p.is_dir():
+        if not any((p / f).exists() for f in ("tokenizer.json", "vocab.txt", "vocab.json")):
+            raise ConfigError(f"{path}: no tokenizer.json, vocab.txt or vocab.json in this folder")
+        return AutoTokenizer.from_pretrained(str(p), trust_remote_code=False, use_fast=True)
+    try:  # a hub name; works when online
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=False, use_fast=True)
+    except Exception as e:
+        raise ConfigError(f"tokenizer {path!r}: not a local file/folder and could not be fetched "
+                          f"from the hub ({type(e).__name__}); offline, point to a local folder "
+                          f"with tokenizer.json") from None
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int, *, kind: str, lowercase: bool = True,
+                    out_dir: str | Path | None = None):
+    """Train a WordPiece (``kind='wordpiece'``, BERT-style specials) or byte-level BPE
+    (``kind='bpe'``, GPT-2 style) tokenizer; saved to ``out_dir`` when given."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+    if kind == "wordpiece":
+        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok.decoder = decoders.WordPiece()
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=ENCODER_SPECIALS)
+        tok.train_from_iterator(texts, trainer)
+        cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
+        tok.post_processor = processors.TemplateProcessing(
+            single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+            special_tokens=[("[CLS]", cls), ("[SEP]", sep)])
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
+                                       cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
+    elif kind == "bpe":
+        tok = Tokenizer(models.BPE())
+        tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tok.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=DECODER_SPECIALS,
+                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+        tok.train_from_iterator(texts, trainer)
+        fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|endoftext|>",
+                                       eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                                       unk_token="<|endoftext|>")
+    else:
+        raise ValueError(f"unknown tokenizer kind {kind!r}")
+    if out_dir is not None:
+        fast.save_pretrained(str(out_dir))
+    return fast
+
+
+def special_ids(tok) -> dict:
+    """The ids a task needs, whatever the tokenizer family."""
+    ids = {"pad": tok.pad_token_id, "cls": tok.cls_token_id, "sep": tok.sep_token_id,
+           "mask": tok.mask_token_id, "bos": tok.bos_token_id, "eos": tok.eos_token_id}
+    if ids["pad"] is None:
+        ids["pad"] = ids["eos"] if ids["eos"] is not None else 0
+    return ids
+
+
+def vocab_size(tok) -> int:
+    return len(tok)
+
+
+def describe(tok) -> str:
+    return json.dumps({"class": type(tok).__name__, "vocab": len(tok), **special_ids(tok)})

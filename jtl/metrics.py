@@ -1,0 +1,133 @@
+"""FLOP counts, MFU, device peaks, and the metric writers (console, JSONL, TensorBoard).
+
+FLOP formula (per optimizer step, training = 3x forward: backward is 2x forward)
+-------------------------------------------------------------------------------
+Only matmuls count (norms, softmax, embeddings gathers are ignored). Per token
+and layer, forward, with D=hidden, H/K query/kv heads of size Dh, F=mlp, S=row
+length:
+
+* projections  2*D*(H + 2K)*Dh  (q, k, v)  +  2*H*Dh*D  (attention output)
+* MLP          2*D*F*2, or 2*D*F*3 for a gated (SwiGLU) MLP
+* attention    2*2*S*H*Dh for an encoder (every query sees all S keys); half of
+               that for a causal decoder (only the lower triangle is useful)
+
+Heads: a causal LM adds 2*D*V per token. The MLM head runs only at the masked
+positions (P per row): 2*D*D (transform) + 2*D*V per prediction. Classification
+heads are negligible. MFU = counted FLOPs per second / (peak FLOP/s per device
+x devices).
+
+Peak FLOP/s per device: on CPU we measure a float32 matmul with all cores (see
+``measure_cpu_peak``); on GPU/TPU we use the datasheet dense bf16 number
+(``DATASHEET_PEAK``).
+"""
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jtl.config import ModelConfig
+
+DATASHEET_PEAK = {  # dense bf16 FLOP/s per chip
+    "h200": 989e12, "h100": 989e12, "a100": 312e12, "l4": 121e12, "a10": 125e12,
+    "v100": 125e12, "tpu v4": 275e12, "tpu v5 lite": 197e12, "tpu v5e": 197e12,
+    "tpu v5p": 459e12, "tpu v6": 918e12,
+}
+
+
+def layer_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    d, h, k, hd, f = cfg.hidden, cfg.heads, cfg.num_kv_heads, cfg.dim_per_head, cfg.mlp
+    proj = 2 * d * (h + 2 * k) * hd + 2 * h * hd * d
+    mlp = 2 * d * f * (3 if cfg.family == "llama" else 2)
+    attn = 2 * 2 * seq_len * h * hd * (0.5 if cfg.causal else 1.0)
+    return proj + mlp + attn
+
+
+def train_flops_per_step(cfg: ModelConfig, batch: int, seq_len: int, task: str = "mlm",
+                         mlm_predictions: int = 0) -> float:
+    """Model FLOPs of one training step on ``batch`` rows of ``seq_len`` (see module doc)."""
+    tokens = batch * seq_len
+    fwd = tokens * cfg.layers * layer_flops_per_token(cfg, seq_len)
+    if task == "clm":
+        fwd += tokens * 2 * cfg.hidden * cfg.vocab_size
+    elif task == "mlm":
+        fwd += batch * mlm_predictions * (2 * cfg.hidden * cfg.hidden + 2 * cfg.hidden * cfg.vocab_size)
+    return 3.0 * fwd
+
+
+def device_kind() -> str:
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', d.platform)}"
+
+
+_CPU_PEAK: float | None = None
+
+
+def measure_cpu_peak(n: int = 1024, repeats: int = 8) -> float:
+    """float32 matmul FLOP/s of this host (all cores, one device), best of ``repeats``."""
+    global _CPU_PEAK
+    if _CPU_PEAK is None:
+        cpu = jax.devices("cpu")[0]
+        a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
+        f = jax.jit(lambda x: x @ x)
+        f(a).block_until_ready()
+        best = math.inf
+        for _ in range(repeats):
+            t = time.perf_counter()
+            f(a).block_until_ready()
+            best = min(best, time.perf_counter() - t)
+        _CPU_PEAK = 2 * n ** 3 / best
+    return _CPU_PEAK
+
+
+def peak_flops_per_device() -> tuple[float, str]:
+    """(peak FLOP/s of one device, where the number came from)."""
+    d = jax.devices()[0]
+    if d.platform == "cpu":
+        # Simulated CPU devices share the host's cores: the host peak is split among them.
+        return measure_cpu_peak() / len(jax.devices()), "measured float32 matmul on this host"
+    kind = getattr(d, "device_kind", "").lower()
+    for name, peak in DATASHEET_PEAK.items():
+        if name in kind:
+            return peak, f"datasheet bf16 dense peak for {kind}"
+    return float("nan"), f"unknown peak for {kind}"
+
+
+class MetricWriter:
+    """JSONL + TensorBoard event files in the run directory; one line per write."""
+
+    def __init__(self, run_dir: Path, tensorboard: bool = True):
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        self.tb = None
+        if tensorboard and jax.process_index() == 0:
+            from tensorboardX import SummaryWriter
+            self.tb = SummaryWriter(str(run_dir / "tb"))
+
+    def write(self, step: int, values: dict, prefix: str = "train") -> None:
+        if jax.process_index() != 0:
+            return
+        clean = {k: (float(v) if isinstance(v, (np.floating, np.integer, float, int)) or
+                     hasattr(v, "dtype") else v) for k, v in values.items()}
+        self.jsonl.write(json.dumps({"step": step, "split": prefix, **clean}) + "\n")
+        if self.tb is not None:
+            for k, v in clean.items():
+                if isinstance(v, float) and math.isfinite(v):
+                    self.tb.add_scalar(f"{prefix}/{k}", v, step)
+
+    def close(self):
+        self.jsonl.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def progress(total: int, enabled: bool = True, desc: str = "train"):
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, disable=not enabled or jax.process_index() != 0,
+                dynamic_ncols=True, file=sys.stderr, mininterval=1.0)

@@ -1,0 +1,113 @@
+"""Shared transformer pieces as pure functions over arrays.
+
+Weights are stored [out, in] (PyTorch/HF layout) and matmuls contract the last
+axis of both operands: this matched PyTorch speed on CPU and makes HF import a
+reshape, not a transpose. Norms and softmax run in float32 whatever the
+compute dtype.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+NEG_INF = -1e9
+
+
+def param(rngs: nnx.Rngs, shape: tuple, names: tuple, *, init: str = "normal", std: float = 0.02,
+          dtype=jnp.float32) -> nnx.Param:
+    """A parameter annotated with logical axis names (sharded on creation under a mesh)."""
+    assert len(shape) == len(names), (shape, names)
+    if init == "normal":
+        value = std * jax.random.truncated_normal(rngs.params(), -2.0, 2.0, shape, dtype)
+    elif init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        raise ValueError(f"unknown init {init!r}")
+    return nnx.Param(value, out_sharding=names)
+
+
+def dense(x, w, b=None, dtype=None):
+    """x[..., in] @ w[out..., in] -> [..., out...]; w may have several out axes."""
+    dtype = dtype or x.dtype
+    y = jax.lax.dot_general(x.astype(dtype), w.astype(dtype),
+                            (((x.ndim - 1,), (w.ndim - 1,)), ((), ())))
+    return y if b is None else y + b.astype(dtype)
+
+
+def layer_norm(x, scale, bias, eps):
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
+    return (y + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+def rms_norm(x, scale, eps):
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
+    return (y * scale.astype(jnp.float32)).astype(x.dtype)
+
+
+def norm(x, p: dict, prefix: str, eps: float):
+    if prefix + "_bias" in p:
+        return layer_norm(x, p[prefix + "_scale"], p[prefix + "_bias"], eps)
+    return rms_norm(x, p[prefix + "_scale"], eps)
+
+
+def activation(name: str):
+    return {"gelu": lambda x: jax.nn.gelu(x, approximate=False),
+            "gelu_tanh": lambda x: jax.nn.gelu(x, approximate=True),
+            "silu": jax.nn.silu, "relu": jax.nn.relu}[name]
+
+
+def dropout(x, rate: float, rng):
+    """Inverted dropout; ``rng=None`` means deterministic (eval)."""
+    if rng is None or rate == 0.0:
+        return x
+    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def attention_mask(segment_ids, causal: bool):
+    """[B, S] segment ids (0 = padding) -> [B, 1, S, S] bool: who may attend to whom.
+
+    Tokens attend only within their own segment, so packed documents never see
+    each other; padding keys are never attended.
+    """
+    seg_q, seg_k = segment_ids[:, :, None], segment_ids[:, None, :]
+    mask = (seg_q == seg_k) & (seg_k > 0)
+    if causal:
+        s = segment_ids.shape[1]
+        mask &= jnp.tril(jnp.ones((s, s), bool))[None]
+    return mask[:, None]
+
+
+def rope(x, positions, theta: float):
+    """Rotary embedding, HF/Llama "rotate half" layout. x: [B, S, H, D], positions [B, S]."""
+    d = x.shape[-1]
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq  # [B, S, D/2]
+    cos = jnp.concatenate([jnp.cos(angles)] * 2, -1)[:, :, None, :]
+    sin = jnp.concatenate([jnp.sin(angles)] * 2, -1)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = x32[..., : d // 2], x32[..., d // 2:]
+    rotated = jnp.concatenate([-x2, x1], -1)
+    return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+def attention(q_BSHD, k_BSKD, v_BSKD, mask_B1SS, *, dropout_rate=0.0, rng=None):
+    """Softmax attention with grouped-query support (H query heads share K kv heads)."""
+    b, s, h, d = q_BSHD.shape
+    kv = k_BSKD.shape[2]
+    q = q_BSHD.reshape(b, s, kv, h // kv, d)
+    logits = jnp.einsum("bqkgd,btkd->bkgqt", q, k_BSKD) / math.sqrt(d)
+    logits = jnp.where(mask_B1SS[:, :, None], logits.astype(jnp.float32), NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKD.dtype)
+    probs = dropout(probs, dropout_rate, rng)
+    out = jnp.einsum("bkgqt,btkd->bqkgd", probs, v_BSKD)
+    return out.reshape(b, s, h, d)

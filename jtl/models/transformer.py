@@ -1,0 +1,188 @@
+"""One transformer backbone for the encoder and decoder families.
+
+=========  ======  =========  ==========  ========  ===========
+family     norms   placement  positions   MLP       attention
+=========  ======  =========  ==========  ========  ===========
+bert       LN      post-LN    learned     GELU      bidirectional, token types
+roberta    LN      post-LN    learned+2   GELU      bidirectional
+gpt2       LN      pre-LN     learned     GELU-tanh causal
+llama      RMS     pre-LN     RoPE        SwiGLU    causal, grouped-query
+=========  ======  =========  ==========  ========  ===========
+
+Layer parameters are stacked along a leading ``layers`` axis so the same
+weights can be scanned (one compiled layer, fast compile) or unrolled.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jtl.config import ModelConfig
+from jtl.models import layers as L
+from jtl.sharding import constrain
+
+ACT = ("batch", "length", "embed")
+
+
+def is_pre_ln(cfg: ModelConfig) -> bool:
+    return cfg.family in ("gpt2", "llama")
+
+
+def has_bias(cfg: ModelConfig) -> bool:
+    return cfg.family != "llama"
+
+
+def is_gated(cfg: ModelConfig) -> bool:
+    return cfg.family == "llama"
+
+
+def uses_rope(cfg: ModelConfig) -> bool:
+    return cfg.family == "llama"
+
+
+class Embeddings(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        p = lambda shape, names, **kw: L.param(rngs, shape, names, std=cfg.init_std,
+                                               dtype=jnp.dtype(cfg.param_dtype), **kw)
+        self.tokens = p((cfg.vocab_size, cfg.hidden), ("vocab", "embed"))
+        if not uses_rope(cfg):
+            self.positions = p((cfg.max_len, cfg.hidden), ("positions", "embed"))
+        if cfg.type_vocab and not cfg.causal:
+            self.types = p((cfg.type_vocab, cfg.hidden), ("type_vocab", "embed"))
+        if not is_pre_ln(cfg):
+            self.norm_scale = p((cfg.hidden,), ("norm",), init="ones")
+            self.norm_bias = p((cfg.hidden,), ("norm",), init="zeros")
+
+    def __call__(self, cfg: ModelConfig, input_ids, positions, token_type_ids, rng):
+        dtype = jnp.dtype(cfg.dtype)
+        # Gather from a table sharded on vocab only: XLA would otherwise replicate it.
+        table = constrain(self.tokens[...], ("vocab", None))
+        x = constrain(jnp.take(table, input_ids, axis=0), ACT).astype(dtype)
+        if hasattr(self, "positions"):
+            pos = constrain(self.positions[...], (None, None))
+            x = x + constrain(jnp.take(pos, positions + cfg.position_offset, axis=0), ACT).astype(dtype)
+        if hasattr(self, "types"):
+            types = token_type_ids if token_type_ids is not None else jnp.zeros_like(input_ids)
+            tt = constrain(self.types[...], (None, None))
+            x = x + constrain(jnp.take(tt, types, axis=0), ACT).astype(dtype)
+        if hasattr(self, "norm_scale"):
+            x = L.layer_norm(x, self.norm_scale[...], self.norm_bias[...], cfg.norm_eps)
+        return constrain(L.dropout(x, cfg.dropout, rng), ACT)
+
+
+class Layers(nnx.Module):
+    """All transformer blocks, each parameter stacked on a leading layers axis."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        n, d, h, kv, hd, f = (cfg.layers, cfg.hidden, cfg.heads, cfg.num_kv_heads,
+                              cfg.dim_per_head, cfg.mlp)
+        p = lambda shape, names, **kw: L.param(rngs, (n,) + shape, ("layers",) + names,
+                                               std=cfg.init_std, dtype=jnp.dtype(cfg.param_dtype), **kw)
+        self.q_w = p((h, hd, d), ("heads", "head_dim", "embed"))
+        self.k_w = p((kv, hd, d), ("kv_heads", "head_dim", "embed"))
+        self.v_w = p((kv, hd, d), ("kv_heads", "head_dim", "embed"))
+        self.o_w = p((d, h, hd), ("embed", "heads", "head_dim"))
+        self.up_w = p((f, d), ("mlp", "embed"))
+        if is_gated(cfg):
+            self.gate_w = p((f, d), ("mlp", "embed"))
+        self.down_w = p((d, f), ("embed", "mlp"))
+        if has_bias(cfg):
+            self.q_b = p((h, hd), ("heads", "head_dim"), init="zeros")
+            self.k_b = p((kv, hd), ("kv_heads", "head_dim"), init="zeros")
+            self.v_b = p((kv, hd), ("kv_heads", "head_dim"), init="zeros")
+            self.o_b = p((d,), ("norm",), init="zeros")
+            self.up_b = p((f,), ("mlp",), init="zeros")
+            self.down_b = p((d,), ("norm",), init="zeros")
+        for name in ("attn_norm", "mlp_norm"):
+            setattr(self, name + "_scale", p((d,), ("norm",), init="ones"))
+            if cfg.family != "llama":
+                setattr(self, name + "_bias", p((d,), ("norm",), init="zeros"))
+
+    def arrays(self) -> dict:
+        return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
+
+
+def block(cfg: ModelConfig, p: dict, x, mask, positions, rng):
+    """One transformer layer on x [B, S, D] with this layer's params ``p``."""
+    dtype = x.dtype
+    rngs = jax.random.split(rng, 4) if rng is not None else [None] * 4
+    pre = is_pre_ln(cfg)
+    h = L.norm(x, p, "attn_norm", cfg.norm_eps) if pre else x
+    q = L.dense(h, p["q_w"], p.get("q_b"), dtype)
+    k = L.dense(h, p["k_w"], p.get("k_b"), dtype)
+    v = L.dense(h, p["v_w"], p.get("v_b"), dtype)
+    q = constrain(q, ("batch", "length", "heads", "head_dim"))
+    if uses_rope(cfg):
+        q, k = L.rope(q, positions, cfg.rope_theta), L.rope(k, positions, cfg.rope_theta)
+    o = L.attention(q, k, v, mask, dropout_rate=cfg.attention_dropout, rng=rngs[0])
+    o = jax.lax.dot_general(o, p["o_w"].astype(dtype), (((2, 3), (1, 2)), ((), ())))
+    if "o_b" in p:
+        o = o + p["o_b"].astype(dtype)
+    x = x + constrain(L.dropout(o, cfg.dropout, rngs[1]), ACT)
+    if not pre:
+        x = L.norm(x, p, "attn_norm", cfg.norm_eps)
+    h = L.norm(x, p, "mlp_norm", cfg.norm_eps) if pre else x
+    act = L.activation(cfg.activation)
+    up = L.dense(h, p["up_w"], p.get("up_b"), dtype)
+    up = act(L.dense(h, p["gate_w"], None, dtype)) * up if "gate_w" in p else act(up)
+    up = constrain(up, ("batch", "length", "mlp"))
+    down = L.dense(up, p["down_w"], p.get("down_b"), dtype)
+    x = x + constrain(L.dropout(down, cfg.dropout, rngs[2]), ACT)
+    if not pre:
+        x = L.norm(x, p, "mlp_norm", cfg.norm_eps)
+    return x
+
+
+REMAT_POLICIES = {
+    "dots": jax.checkpoint_policies.checkpoint_dots,
+    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "full": jax.checkpoint_policies.nothing_saveable,
+}
+
+
+class Backbone(nnx.Module):
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.embed = Embeddings(cfg, rngs)
+        self.layers = Layers(cfg, rngs)
+        if is_pre_ln(cfg):
+            self.final_norm_scale = L.param(rngs, (cfg.hidden,), ("norm",), init="ones",
+                                            dtype=jnp.dtype(cfg.param_dtype))
+            if cfg.family != "llama":
+                self.final_norm_bias = L.param(rngs, (cfg.hidden,), ("norm",), init="zeros",
+                                               dtype=jnp.dtype(cfg.param_dtype))
+
+    def __call__(self, cfg: ModelConfig, input_ids, segment_ids=None, positions=None,
+                 token_type_ids=None, rng=None):
+        """input_ids [B, S] -> hidden states [B, S, D].
+
+        ``segment_ids`` (0 = padding) keep packed documents apart; ``positions``
+        restart at 0 for each document. ``rng=None`` disables dropout.
+        """
+        if segment_ids is None:
+            segment_ids = (input_ids != -1).astype(jnp.int32)  # everything is one segment
+        if positions is None:
+            positions = jnp.broadcast_to(jnp.arange(input_ids.shape[1]), input_ids.shape)
+        emb_rng, layer_rng = jax.random.split(rng) if rng is not None else (None, None)
+        x = self.embed(cfg, input_ids, positions, token_type_ids, emb_rng)
+        mask = L.attention_mask(segment_ids, cfg.causal)
+        params = self.layers.arrays()
+
+        def body(x, inputs):
+            p, i = inputs
+            r = jax.random.fold_in(layer_rng, i) if layer_rng is not None else None
+            return block(cfg, p, x, mask, positions, r), None
+
+        if cfg.remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[cfg.remat], prevent_cse=not cfg.scan_layers)
+        idx = jnp.arange(cfg.layers)
+        if cfg.scan_layers:
+            x, _ = jax.lax.scan(body, x, (params, idx))
+        else:
+            for i in range(cfg.layers):
+                x, _ = body(x, (jax.tree.map(lambda a: a[i], params), idx[i]))
+        if hasattr(self, "final_norm_scale"):
+            bias = self.final_norm_bias[...] if hasattr(self, "final_norm_bias") else None
+            x = (L.layer_norm(x, self.final_norm_scale[...], bias, cfg.norm_eps) if bias is not None
+                 else L.rms_norm(x, self.final_norm_scale[...], cfg.norm_eps))
+        return x

@@ -1,0 +1,69 @@
+"""Optax chains: AdamW, warmup + decay schedules, weight-decay and freeze masks."""
+from __future__ import annotations
+
+import jax
+import optax
+
+from jtl.config import OptimConfig
+
+# Parameters that get weight decay: matrices and embedding tables. Biases and
+# norm scales do not (their names end in _b, _bias, _scale).
+DECAYED_NAMES = ("tokens", "positions", "types")
+
+
+def path_names(path) -> tuple[str, ...]:
+    """Names along a pytree path, skipping the ``value`` attribute of Variables."""
+    out = []
+    for k in path:
+        name = getattr(k, "key", getattr(k, "name", None))
+        if isinstance(name, str) and name != "value":
+            out.append(name)
+        elif isinstance(name, int):
+            out.append(str(name))
+    return tuple(out)
+
+
+def is_decayed(names: tuple[str, ...]) -> bool:
+    last = names[-1] if names else ""
+    return last.endswith("_w") or last in DECAYED_NAMES
+
+
+def is_frozen(names: tuple[str, ...], prefixes: tuple[str, ...]) -> bool:
+    dotted = ".".join(names)
+    return any(dotted == p or dotted.startswith(p + ".") or f".{p}." in f".{dotted}."
+               for p in prefixes)
+
+
+def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    total_steps = max(int(total_steps), 1)
+    warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
+    warmup = min(warmup, total_steps)
+    decay_steps = max(total_steps - warmup, 1)
+    end = cfg.lr * cfg.end_lr_ratio
+    if cfg.schedule == "constant":
+        decay = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(cfg.lr, decay_steps, alpha=cfg.end_lr_ratio)
+    else:
+        decay = optax.linear_schedule(cfg.lr, end, decay_steps)
+    if not warmup:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), decay], [warmup])
+
+
+def make_tx(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    sched = schedule(cfg, total_steps)
+
+    def decay_mask(tree):
+        return jax.tree_util.tree_map_with_path(lambda p, _: is_decayed(path_names(p)), tree)
+
+    parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
+    parts.append(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
+                             weight_decay=cfg.weight_decay, mask=decay_mask))
+    tx = optax.chain(*parts)
+    if cfg.freeze:
+        def labels(tree):
+            return jax.tree_util.tree_map_with_path(
+                lambda p, _: "frozen" if is_frozen(path_names(p), cfg.freeze) else "train", tree)
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    return tx

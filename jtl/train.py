@@ -1,0 +1,194 @@
+"""Sharded state, the one pure train step, the eval step.
+
+``train_step(state, batch) -> (state, metrics)`` is jitted once per (mesh, rules,
+shapes) with explicit in/out shardings and the state donated. Everything that
+varies per step (dropout/masking RNG, learning rate) is derived on device from
+the optimizer's step counter, so the host only feeds batches.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from jtl import sharding as S
+from jtl.config import Config
+from jtl.models import Model
+from jtl.optim import make_tx, schedule
+from jtl.tasks import TaskSpec, loss_and_outputs
+
+
+def create_model(cfg: Config, spec: TaskSpec, seed: int | None = None) -> Model:
+    return Model(cfg.model, cfg.task.kind, spec.num_labels, pooling=cfg.task.pooling,
+                 rngs=nnx.Rngs(cfg.train.seed if seed is None else seed))
+
+
+@dataclass
+class Setup:
+    """Everything a loop needs: mesh, sharded state, compiled-on-first-call steps."""
+    cfg: Config
+    spec: TaskSpec
+    mesh: Mesh
+    graphdef: Any
+    state: Any  # nnx.State of (model, optimizer), sharded
+    state_sharding: Any
+    train_step: Callable
+    eval_step: Callable
+    total_steps: int
+
+    @property
+    def params(self):
+        return self.state[0]
+
+    def model(self) -> Model:
+        return nnx.merge(self.graphdef, self.state)[0]
+
+    def step_count(self) -> int:
+        return int(jax.device_get(nnx.merge(self.graphdef, self.state)[1].step[...]))
+
+
+def abstract_state(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int):
+    """(graphdef, abstract state, shardings, create-fn) without allocating anything."""
+    tx = make_tx(cfg.optim, total_steps)
+
+    def create():
+        model = create_model(cfg, spec)
+        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+
+    with S.activate(mesh):
+        graphdef, abstract = nnx.split(nnx.eval_shape(create))
+        shardings = nnx.get_named_sharding(abstract, mesh)
+    return graphdef, abstract, shardings, create
+
+
+def init_state(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int,
+               load_params: Callable | None = None):
+    """Create the state directly in its shardings (never whole on one device).
+
+    ``load_params(abstract_params) -> {path: jax.Array}`` may supply pretrained
+    weights (already sharded); parameters it does not return keep their init.
+    """
+    S.check_model_fits(cfg.model, mesh)
+    graphdef, abstract, shardings, create = abstract_state(cfg, spec, mesh, total_steps)
+    with S.activate(mesh):
+        state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
+    if load_params is not None:
+        loaded = load_params(abstract[0])
+        flat = dict(state[0].flat_state())
+        for path, arr in loaded.items():
+            var = flat[path]
+            if tuple(arr.shape) != tuple(var.shape):
+                raise ValueError(f"loaded parameter {'.'.join(map(str, path))} has shape "
+                                 f"{tuple(arr.shape)}, model expects {tuple(var.shape)}")
+            var.set_value(jax.device_put(arr.astype(var.dtype), var.sharding))
+    return graphdef, state, shardings
+
+
+def _split_micro(x, m: int):
+    # Microbatch i takes rows i, i+m, ...: each device keeps its own rows.
+    return x.reshape((x.shape[0] // m, m) + x.shape[1:]).swapaxes(0, 1)
+
+
+def make_train_step(cfg: Config, spec: TaskSpec, graphdef, total_steps: int):
+    lr_fn = schedule(cfg.optim, total_steps)
+    micro, seed, skip_nan = cfg.train.microbatches, cfg.train.seed, cfg.train.nan_policy == "skip"
+
+    def train_step(state, batch):
+        model, opt = nnx.merge(graphdef, state)
+        mdef, params = nnx.split(model, nnx.Param)
+        step = opt.step[...]
+        rng = jax.random.fold_in(jax.random.key(seed), step)
+
+        def loss_fn(p, mb, r):
+            loss_sum, count, extra = loss_and_outputs(cfg, spec, nnx.merge(mdef, p), mb, r)
+            return loss_sum, (count, extra.get("correct", jnp.zeros(())))
+
+        grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+        if micro == 1:
+            (loss_sum, (count, correct)), grads = grad_fn(params, batch, rng)
+        else:
+            mbs = jax.tree.map(lambda x: _split_micro(x, micro), batch)
+            mbs = jax.tree.map(lambda x: S.constrain(x, (None, "batch") + (None,) * (x.ndim - 2)), mbs)
+
+            def accumulate(carry, inp):
+                mb, i = inp
+                (ls, (c, k)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (ls, c, k, g)), None
+
+            zero = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
+            (loss_sum, count, correct, grads), _ = jax.lax.scan(
+                accumulate, zero, (mbs, jnp.arange(micro)))
+        denom = jnp.maximum(count, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        loss = loss_sum / denom
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        old = nnx.state((model, opt)) if skip_nan else None
+        opt.update(model, grads)
+        new = nnx.state((model, opt))
+        if skip_nan:
+            new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
+            # The step counter still advances: the schedule and RNG stay in step with the host.
+            m2, o2 = nnx.merge(graphdef, new)
+            o2.step.set_value(step + 1)
+            new = nnx.state((m2, o2))
+        metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(step), "tokens": count,
+                   "accuracy": correct / denom, "finite": finite, "step": step + 1}
+        return new, metrics
+
+    return train_step
+
+
+def make_eval_step(cfg: Config, spec: TaskSpec, graphdef):
+    def eval_step(state, batch):
+        model = nnx.merge(graphdef, state)[0]
+        loss_sum, count, extra = loss_and_outputs(cfg, spec, model, batch, None)
+        out = {"loss_sum": loss_sum, "count": count}
+        if "logits" in extra:
+            out["logits"] = extra["logits"]
+        if "correct" in extra:
+            out["correct"] = extra["correct"]
+        return out
+
+    return eval_step
+
+
+class InMesh:
+    """A jitted function called (and traced) with the mesh and axis rules active.
+
+    The rules are not part of jit's cache key, so each mesh gets its own jit."""
+
+    def __init__(self, mesh: Mesh, jitted):
+        self.mesh, self.jitted = mesh, jitted
+
+    def __call__(self, *args):
+        with S.activate(self.mesh):
+            return self.jitted(*args)
+
+    def lower(self, *args):
+        with S.activate(self.mesh):
+            return self.jitted.lower(*args)
+
+    def trace(self, *args):
+        with S.activate(self.mesh):
+            return self.jitted.trace(*args)
+
+
+def build(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int,
+          load_params: Callable | None = None) -> Setup:
+    """Sharded state + jitted train/eval steps for this mesh (one jit per mesh/rules)."""
+    S.check_batch_fits(cfg.train.batch_size, cfg.train.microbatches, mesh)
+    graphdef, state, shardings = init_state(cfg, spec, mesh, total_steps, load_params)
+    repl = NamedSharding(mesh, P())
+    step_fn = make_train_step(cfg, spec, graphdef, total_steps)
+    eval_fn = make_eval_step(cfg, spec, graphdef)
+
+    train_step = InMesh(mesh, jax.jit(step_fn, donate_argnums=0, in_shardings=(shardings, None),
+                                      out_shardings=(shardings, repl)))
+    eval_step = InMesh(mesh, jax.jit(eval_fn, in_shardings=(shardings, None)))
+    return Setup(cfg, spec, mesh, graphdef, state, shardings, train_step, eval_step, total_steps)
