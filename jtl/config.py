@@ -89,6 +89,8 @@ class DataConfig:
     buckets: tuple[int, ...] = ()  # fine-tuning padded lengths; () = 16, 32, ... up to seq_len
     max_examples: int | None = None  # cap on rows read per split
     mask_prob: float = 0.15
+    doc_stride: int = 128  # QA: tokens of overlap between windows of a long context
+    max_answer_tokens: int = 30  # QA: longest span considered when predicting
     shuffle: bool = True
     seed: int = 0
 
