@@ -71,8 +71,13 @@ def make_mesh(cfg: MeshConfig | tuple[int, int, int], devices=None) -> Mesh:
 
 @contextlib.contextmanager
 def activate(mesh: Mesh):
-    """Mesh + rules context, needed while creating params and while tracing."""
-    with jax.set_mesh(mesh), nnx.logical_axis_rules(RULES):
+    """Mesh + rules context, needed while creating params and while tracing.
+
+    An ``AbstractMesh`` (AOT analysis for a mesh bigger than this machine) is
+    activated with ``use_abstract_mesh``: ``jax.set_mesh`` only takes a real one."""
+    ctx = (jax.sharding.use_abstract_mesh(mesh) if isinstance(mesh, jax.sharding.AbstractMesh)
+           else jax.set_mesh(mesh))
+    with ctx, nnx.logical_axis_rules(RULES):
         yield
 
 

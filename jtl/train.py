@@ -126,7 +126,7 @@ def make_train_step(cfg: Config, spec: TaskSpec, graphdef, total_steps: int):
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = loss_sum / denom
-        grad_norm = optax.global_norm(grads)
+        grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         old = nnx.state((model, opt)) if skip_nan else None
         opt.update(model, grads)
@@ -179,16 +179,21 @@ class InMesh:
             return self.jitted.trace(*args)
 
 
+def jit_train_step(cfg: Config, spec: TaskSpec, mesh, graphdef, shardings, total_steps: int) -> InMesh:
+    """The jitted train step for these state shardings (also used for AOT analysis
+    from ``abstract_state``, where nothing is allocated)."""
+    repl = NamedSharding(mesh, P())
+    step_fn = make_train_step(cfg, spec, graphdef, total_steps)
+    return InMesh(mesh, jax.jit(step_fn, donate_argnums=0, in_shardings=(shardings, None),
+                                out_shardings=(shardings, repl)))
+
+
 def build(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int,
           load_params: Callable | None = None) -> Setup:
     """Sharded state + jitted train/eval steps for this mesh (one jit per mesh/rules)."""
     S.check_batch_fits(cfg.train.batch_size, cfg.train.microbatches, mesh)
     graphdef, state, shardings = init_state(cfg, spec, mesh, total_steps, load_params)
-    repl = NamedSharding(mesh, P())
-    step_fn = make_train_step(cfg, spec, graphdef, total_steps)
     eval_fn = make_eval_step(cfg, spec, graphdef)
-
-    train_step = InMesh(mesh, jax.jit(step_fn, donate_argnums=0, in_shardings=(shardings, None),
-                                      out_shardings=(shardings, repl)))
+    train_step = jit_train_step(cfg, spec, mesh, graphdef, shardings, total_steps)
     eval_step = InMesh(mesh, jax.jit(eval_fn, in_shardings=(shardings, None)))
     return Setup(cfg, spec, mesh, graphdef, state, shardings, train_step, eval_step, total_steps)
