@@ -152,10 +152,12 @@ class TrainConfig:
 class CheckpointConfig:
     enabled: bool = False
     every: int = 0  # steps between saves; 0 = only at the end
-    keep: int = 2
-    keep_best: bool = True
-    resume: bool = True
-    resume_from: str | None = None
+    keep: int = 2  # latest N steps kept
+    keep_every: int = 0  # also keep every K-th step for good; 0 = off
+    keep_best: bool = True  # also keep the best step by task.metric (when the loop reports it)
+    resume: bool = True  # resume from RUN_DIR/checkpoints; false = fresh start (old ones moved aside)
+    resume_from: str | None = None  # run dir / checkpoints dir / step dir to start from
+    fallback: bool = False  # a broken latest step: use the previous committed one instead of failing
     async_save: bool = True
 
 
@@ -217,7 +219,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         raise ConfigError(f"{key}: {value!r} is not one of {', '.join(repr(a) for a in args)}")
     if origin is tuple:
         if isinstance(value, str):
-            value = [v for v in value.split(",") if v] if value else []
+            value = [parse_value(v.strip()) for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
@@ -234,6 +236,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
             return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads 3e-5 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
         raise ConfigError(f"{key}: expected a number, got {value!r}")
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
@@ -252,7 +259,7 @@ def _build(cls: type, raw: dict, prefix: str) -> Any:
         k = unknown[0]
         close = difflib.get_close_matches(k, fields, n=1)
         hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-        raise ConfigError(f"unknown config key {prefix}{k!r}{hint}; allowed keys under "
+        raise ConfigError(f"unknown config key '{prefix}{k}'{hint}; allowed keys under "
                           f"{prefix.rstrip('.') or 'the top level'}: {', '.join(sorted(fields))}")
     kwargs = {}
     for name, value in raw.items():

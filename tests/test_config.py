@@ -1,0 +1,52 @@
+"""Typed config: presets, overrides, and loud errors before anything compiles."""
+import pytest
+
+from jtl import config
+from jtl.config import ConfigError
+
+
+def test_preset_and_overrides():
+    cfg = config.load("tiny-mlm", ["optim.lr=3e-5", "mesh.fsdp=2", "data.buckets=16,32"])
+    assert cfg.optim.lr == 3e-5 and cfg.mesh.fsdp == 2
+    assert cfg.data.buckets == (16, 32)
+    assert cfg.model.family == "bert"
+    with pytest.raises(Exception):
+        cfg.optim.__setattr__("lr", 1.0)  # frozen
+
+
+def test_unknown_key_names_it_and_suggests():
+    with pytest.raises(ConfigError, match=r"unknown config key 'optim.lrr'.*did you mean optim.lr"):
+        config.load("tiny-mlm", ["optim.lrr=1e-3"])
+    with pytest.raises(ConfigError, match="unknown config key 'modle'"):
+        config.load("tiny-mlm", ["modle.hidden=3"])
+
+
+def test_wrong_type_and_literal():
+    with pytest.raises(ConfigError, match=r"train.batch_size: expected an integer, got 'many'"):
+        config.load("tiny-mlm", ["train.batch_size=many"])
+    with pytest.raises(ConfigError, match=r"model.family: 'gpt5' is not one of 'bert', 'roberta', 'gpt2', 'llama'"):
+        config.load("tiny-mlm", ["model.family=gpt5"])
+
+
+def test_impossible_settings():
+    with pytest.raises(ConfigError, match="model.hidden=130 is not divisible by model.heads=4"):
+        config.load("tiny-mlm", ["model.hidden=130"])
+    with pytest.raises(ConfigError, match="batch_size=30 is not divisible by train.microbatches=4"):
+        config.load("tiny-mlm", ["train.batch_size=30", "train.microbatches=4"])
+    with pytest.raises(ConfigError, match="task.kind='mlm' needs an encoder"):
+        config.load("tiny-clm", ["task.kind=mlm"])
+    with pytest.raises(ConfigError, match="exceeds model.max_len"):
+        config.load("tiny-mlm", ["data.seq_len=512"])
+    with pytest.raises(ConfigError, match="at most one of mesh"):
+        config.load("tiny-mlm", ["mesh.data=-1", "mesh.fsdp=-1"])
+
+
+def test_missing_preset_lists_presets():
+    with pytest.raises(ConfigError, match="not found; presets: .*tiny-mlm"):
+        config.load("no-such-preset")
+
+
+def test_base_chain(tmp_path):
+    (tmp_path / "child.yaml").write_text("base: tiny-mlm\noptim:\n  lr: 0.5\n")
+    cfg = config.load(str(tmp_path / "child.yaml"))
+    assert cfg.optim.lr == 0.5 and cfg.model.hidden == 128
