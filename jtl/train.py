@@ -20,7 +20,7 @@ from jtl import sharding as S
 from jtl.config import Config
 from jtl.models import Model
 from jtl.optim import make_tx, schedule
-from jtl.tasks import TaskSpec, loss_and_outputs
+from jtl.tasks import TaskSpec, loss_and_outputs, prepare_batch
 
 
 def create_model(cfg: Config, spec: TaskSpec, seed: int | None = None) -> Model:
@@ -103,6 +103,8 @@ def make_train_step(cfg: Config, spec: TaskSpec, graphdef, total_steps: int):
         mdef, params = nnx.split(model, nnx.Param)
         step = opt.step[...]
         rng = jax.random.fold_in(jax.random.key(seed), step)
+        mask_rng, rng = jax.random.split(rng)
+        batch = prepare_batch(cfg, spec, batch, mask_rng)
 
         def loss_fn(p, mb, r):
             loss_sum, count, extra = loss_and_outputs(cfg, spec, nnx.merge(mdef, p), mb, r)
@@ -128,10 +130,14 @@ def make_train_step(cfg: Config, spec: TaskSpec, graphdef, total_steps: int):
         loss = loss_sum / denom
         grad_norm = optax.tree.norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        old = nnx.state((model, opt)) if skip_nan else None
+        old = jax.tree.map(lambda x: x, nnx.state((model, opt))) if skip_nan else None  # values, not refs
         opt.update(model, grads)
         new = nnx.state((model, opt))
         if skip_nan:
+            # A finite gradient can still overflow the update (huge lr): skip that too, so
+            # a skipped step never leaves a non-finite state behind.
+            finite = finite & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new)
+                                                 if jnp.issubdtype(x.dtype, jnp.inexact)]))
             new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
             # The step counter still advances: the schedule and RNG stay in step with the host.
             m2, o2 = nnx.merge(graphdef, new)

@@ -60,16 +60,24 @@ def _xent(logits, labels, smoothing: float = 0.0):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def prepare_batch(cfg: Config, spec: TaskSpec, batch: dict, rng) -> dict:
+    """Per-step input corruption, done on the whole batch before any microbatch split
+    (so accumulation over microbatches sees exactly the big batch's masks)."""
+    if cfg.task.kind != "mlm" or "mlm_positions" in batch:
+        return batch
+    ids, pos, labels, w = mask_tokens(rng, batch["input_ids"], batch["mlm_eligible"], cfg.data.mask_prob,
+                                      spec.max_predictions, spec.mask_id, cfg.model.vocab_size)
+    return {**batch, "input_ids": ids, "mlm_positions": pos, "mlm_labels": labels, "mlm_weights": w}
+
+
 def loss_and_outputs(cfg: Config, spec: TaskSpec, model, batch: dict, rng):
     """Runs the model on ``batch``; returns (loss_sum, count, outputs dict)."""
     kind, m = cfg.task.kind, cfg.model
     r_mask, r_model = jax.random.split(rng) if rng is not None else (None, None)
     if kind == "mlm":
-        mask_rng = r_mask if r_mask is not None else jax.random.key(0)
-        ids, pos, labels, w = mask_tokens(mask_rng, batch["input_ids"], batch["mlm_eligible"],
-                                          cfg.data.mask_prob, spec.max_predictions, spec.mask_id,
-                                          m.vocab_size)
-        logits = model(m, {**batch, "input_ids": ids, "mlm_positions": pos}, r_model)
+        batch = prepare_batch(cfg, spec, batch, r_mask if r_mask is not None else jax.random.key(0))
+        logits = model(m, batch, r_model)
+        labels, w = batch["mlm_labels"], batch["mlm_weights"]
         loss = _xent(logits, labels) * w
         correct = (logits.argmax(-1) == labels) * w
         return loss.sum(), w.sum(), {"correct": correct.sum()}
