@@ -1,55 +1,144 @@
-"""Orbax checkpoints of a run: params, optimizer state, data iterator, config.
+"""Orbax checkpoints of a run: params, optimizer state, data iterator, config, meta.
 
-Layout: ``RUN_DIR/checkpoints/<step>/{params,opt,data,config}``. Items are kept
+Layout: ``RUN_DIR/checkpoints/<step>/{params,opt,data,config,meta}``. Items are kept
 separate so that fine-tuning can restore only the backbone parameters of a
 pretraining run (``model.init_from: RUN_DIR``), on any mesh.
+
+What makes a checkpoint safe to resume from:
+
+* Saves are asynchronous and atomic: Orbax writes ``<step>.orbax-checkpoint-tmp``
+  and renames it when complete, so a kill mid-save leaves only a tmp dir that no
+  listing picks up.
+* Old steps are never deleted in place: retention renames them into
+  ``checkpoints/.trash`` (one atomic rename; ``todelete_subdir``), which we empty
+  later. Deleting in place can be killed half way and leave a listed but broken
+  ``<step>/`` (seen in 4/20 kills with orbax 0.12.8).
+* Retention keeps the latest ``keep`` steps, every ``keep_every``-th step and the
+  best step by a metric (preservation policies, so the latest is never dropped
+  in favour of the best), and drops old steps only after a newer one committed.
+* Every candidate step is checked (all items present) before it is trusted; a
+  restore that still fails names the step and, when ``fallback`` is allowed, moves
+  on to the previous committed step with a loud warning.
+* ``meta`` records the model family and config; resuming a different family or
+  other parameter shapes is refused with the differing paths listed.
 """
 from __future__ import annotations
 
 import json
+import logging
+import shutil
+import time
 from pathlib import Path
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
+from orbax.checkpoint import checkpoint_managers as cm
+
+log = logging.getLogger("jtl")
+
+FORMAT = 1
+TRASH = ".trash"
+ARRAY_ITEMS = ("params", "opt")
+JSON_ITEMS = ("config", "data", "meta")
 
 
 class CheckpointError(RuntimeError):
     pass
 
 
+class IncompatibleCheckpoint(CheckpointError):
+    """The checkpoint is fine but belongs to another model (never a reason to fall back)."""
+
+
 def _to_pure(state):
     return state.to_pure_dict() if hasattr(state, "to_pure_dict") else state
 
 
+def _metric_fn(name: str, mode: str):
+    worst = -np.inf if mode == "max" else np.inf  # steps saved without the metric never win
+
+    def get(m):
+        v = (m or {}).get(name)
+        return worst if v is None or not np.isfinite(v) else float(v)
+    return get
+
+
 def manager(directory: Path, keep: int = 2, async_save: bool = True,
-            best_metric: str | None = None, best_mode: str = "max") -> ocp.CheckpointManager:
-    from orbax.checkpoint import checkpoint_managers as cm
-    policies = [cm.LatestN(n=keep)]
+            best_metric: str | None = None, best_mode: str = "max",
+            keep_every: int = 0) -> ocp.CheckpointManager:
+    """A CheckpointManager for the items above with jtl's retention and deletion rules."""
+    policies = [cm.LatestN(n=max(int(keep), 1))]  # never 0: the latest is what resumes
+    if keep_every:
+        policies.append(cm.EveryNSteps(interval_steps=int(keep_every)))
+    best_fn = None
     if best_metric:
-        policies.append(cm.BestN(get_metric_fn=lambda m: m[best_metric], reverse=best_mode == "min", n=1))
+        best_fn = _metric_fn(best_metric, best_mode)
+        policies.append(cm.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1))
     options = ocp.CheckpointManagerOptions(
         preservation_policy=cm.AnyPreservationPolicy(policies),
-        best_fn=(lambda m: m[best_metric]) if best_metric else None,
-        best_mode=best_mode, enable_async_checkpointing=async_save, cleanup_tmp_directories=True)
-    return ocp.CheckpointManager(Path(directory).absolute(), options=options, item_handlers={
+        best_fn=best_fn, best_mode=best_mode, enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True, todelete_subdir=TRASH)
+    directory = Path(directory).absolute()
+    empty_trash(directory)
+    return ocp.CheckpointManager(directory, options=options, item_handlers={
         "params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
         "config": ocp.JsonCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
         "meta": ocp.JsonCheckpointHandler()})
 
 
+def empty_trash(directory: Path) -> None:
+    # Steps in the trash were dropped by retention after a newer step committed; a kill
+    # while deleting them here is harmless (the trash is never listed as a step).
+    if jax.process_index() == 0 and (Path(directory) / TRASH).is_dir():
+        shutil.rmtree(Path(directory) / TRASH, ignore_errors=True)
+
+
+def model_meta(cfg_dict: dict) -> dict:
+    m = cfg_dict.get("model", {})
+    return {"format": FORMAT, "family": m.get("family"), "task": cfg_dict.get("task", {}).get("kind"),
+            "model": m}
+
+
 def save(mngr: ocp.CheckpointManager, step: int, state, config: dict, data_state: dict | None = None,
          meta: dict | None = None, metrics: dict | None = None, force: bool = False) -> bool:
+    """Start an (async) save of ``state`` = (params, opt) at ``step``; False if not saved
+    (the step exists already). A failure of an earlier async save surfaces here."""
+    meta = {**model_meta(config), "step": int(step), "time": time.time(), **(meta or {})}
     items = dict(params=ocp.args.StandardSave(_to_pure(state[0])),
                  opt=ocp.args.StandardSave(_to_pure(state[1])),
                  config=ocp.args.JsonSave(config), data=ocp.args.JsonSave(data_state or {}),
-                 meta=ocp.args.JsonSave(meta or {}))
-    return mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+                 meta=ocp.args.JsonSave(meta))
+    if mngr.latest_step() is not None and step <= mngr.latest_step() and not force:
+        return False
+    empty_trash(mngr.directory)
+    try:
+        return mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+    except Exception as e:
+        raise _save_error(mngr, step, e) from e
 
 
-def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+def wait(mngr: ocp.CheckpointManager) -> None:
+    """Block until every started save committed; a failed write raises CheckpointError."""
+    try:
+        mngr.wait_until_finished()
+    except Exception as e:
+        raise _save_error(mngr, None, e) from e
 
+
+def _save_error(mngr, step, e) -> CheckpointError:
+    ckdir = Path(mngr.directory)
+    good = valid_steps(ckdir, warn=False)
+    what = f"step {step}" if step is not None else "a checkpoint"
+    return CheckpointError(
+        f"saving {what} to {ckdir} failed: {type(e).__name__}: {e} (disk full or not writable?). "
+        f"Committed checkpoints are untouched: "
+        f"{'latest is step ' + str(good[-1]) if good else 'there are none'}")
+
+
+# ---------------------------------------------------------------- finding steps
 
 def find_checkpoint_dir(path: str | Path) -> Path:
     p = Path(path)
@@ -60,6 +149,180 @@ def find_checkpoint_dir(path: str | Path) -> Path:
     raise CheckpointError(f"{path}: no jtl checkpoints here (expected RUN_DIR/checkpoints/<step>/)")
 
 
+def locate(path: str | Path) -> tuple[Path, int | None]:
+    """(checkpoint dir, step or None = latest) for a run dir, checkpoints dir or step dir."""
+    p = Path(path)
+    if p.name.isdigit() and (p / "_CHECKPOINT_METADATA").exists():
+        return p.parent, int(p.name)
+    return find_checkpoint_dir(p), None
+
+
+def step_problems(ckdir: Path, step: int) -> list[str]:
+    """Why ``ckdir/<step>`` is not a complete committed jtl checkpoint ([] if it looks whole)."""
+    d = Path(ckdir) / str(step)
+    if not d.is_dir():
+        return [f"{d} does not exist"]
+    missing = [] if (d / "_CHECKPOINT_METADATA").exists() else ["_CHECKPOINT_METADATA"]
+    for item in ARRAY_ITEMS:
+        missing += [f"{item}/{f}" for f in ("_METADATA", "manifest.ocdbt") if not (d / item / f).exists()]
+        if (d / item).is_dir() and not any((d / item).glob("ocdbt.process_*/d/*")):
+            missing.append(f"{item}/ocdbt.process_*/d/ (array data)")
+    missing += [f"{item}/metadata" for item in JSON_ITEMS if not (d / item / "metadata").exists()]
+    return [f"{d}: missing {m}" for m in missing]
+
+
+def all_steps(ckdir: Path) -> list[int]:
+    ckdir = Path(ckdir)
+    if not ckdir.is_dir():
+        return []
+    return sorted(int(c.name) for c in ckdir.iterdir() if c.name.isdigit() and c.is_dir())
+
+
+def valid_steps(ckdir: Path, warn: bool = True) -> list[int]:
+    """Committed steps that pass ``step_problems`` (ascending). Incomplete ones are logged."""
+    good = []
+    for s in all_steps(ckdir):
+        bad = step_problems(ckdir, s)
+        if bad and warn:
+            log.warning("CHECKPOINT STEP %d IS INCOMPLETE and will not be used: %s", s, "; ".join(bad))
+        elif not bad:
+            good.append(s)
+    return good
+
+
+def set_aside(ckdir: Path) -> Path | None:
+    """Move existing checkpoints out of the way for a fresh start (nothing is deleted)."""
+    ckdir = Path(ckdir)
+    if not all_steps(ckdir):
+        return None
+    dest = ckdir.with_name(f"{ckdir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+    ckdir.rename(dest)
+    log.warning("checkpoint.resume=false: moved the existing checkpoints to %s", dest)
+    return dest
+
+
+# ---------------------------------------------------------------- compatibility
+
+def _flat_shapes(tree) -> dict[str, tuple]:
+    def name(k):
+        return str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+    return {".".join(map(name, p)): tuple(x.shape)
+            for p, x in jax.tree_util.tree_flatten_with_path(tree)[0] if hasattr(x, "shape")}
+
+
+def read_item(ckdir: Path, step: int, item: str) -> dict:
+    f = Path(ckdir) / str(step) / item / "metadata"
+    try:
+        return json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{f}: unreadable ({type(e).__name__}: {e})") from e
+
+
+def check_compatible(ckdir: Path, step: int, cfg_dict: dict, abstract_params) -> None:
+    """Refuse a checkpoint of another model family or with other parameter shapes,
+    naming each differing parameter path."""
+    saved_cfg = read_item(ckdir, step, "config")
+    fam, want_fam = saved_cfg.get("model", {}).get("family"), cfg_dict.get("model", {}).get("family")
+    if fam != want_fam:
+        raise IncompatibleCheckpoint(f"{ckdir}/{step} holds a model.family={fam} model; this run is "
+                              f"model.family={want_fam}: refusing to resume from it")
+    mngr = ocp.CheckpointManager(Path(ckdir).absolute(), item_handlers={"params": ocp.StandardCheckpointHandler()})
+    try:
+        saved = _flat_shapes(mngr.item_metadata(step)["params"])
+    except Exception as e:
+        raise CheckpointError(f"{ckdir}/{step}/params: unreadable metadata ({type(e).__name__}: {e})") from e
+    finally:
+        mngr.close()
+    want = _flat_shapes(_to_pure(abstract_params))
+    diffs = [f"{k}: checkpoint {saved.get(k, 'MISSING')} vs model {want.get(k, 'MISSING')}"
+             for k in sorted(set(saved) | set(want)) if saved.get(k) != want.get(k)]
+    if diffs:
+        changed = {k: (saved_cfg.get("model", {}).get(k), v) for k, v in cfg_dict.get("model", {}).items()
+                   if saved_cfg.get("model", {}).get(k) != v}
+        raise IncompatibleCheckpoint(
+            f"{ckdir}/{step}: parameters differ from this run's model (config changes: "
+            f"{', '.join(f'model.{k}: {a} -> {b}' for k, (a, b) in changed.items()) or 'none'}):\n  "
+            + "\n  ".join(diffs))
+
+
+# ---------------------------------------------------------------- restoring
+
+def _abstract(tree):
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
+
+
+def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
+    """Full (params, opt) state restored into the shardings of ``abstract_state`` (any
+    mesh). Returns (state, data iterator state, config)."""
+    target_p = _abstract(_to_pure(abstract_state[0]))
+    target_o = _abstract(_to_pure(abstract_state[1]))
+    r = mngr.restore(step, args=ocp.args.Composite(
+        params=ocp.args.StandardRestore(target_p), opt=ocp.args.StandardRestore(target_o),
+        data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
+    nnx.replace_by_pure_dict(abstract_state[0], r.params)
+    nnx.replace_by_pure_dict(abstract_state[1], r.opt)
+    return abstract_state, r.data, r.config
+
+
+def resume(path: str | Path, abstract_state, cfg_dict: dict, step: int | None = None,
+           fallback: bool = False):
+    """Restore the newest usable step of ``path`` (run dir, checkpoints dir or step dir).
+
+    Returns (state, data_state, step, meta) or None when there is no checkpoint. A
+    broken step raises CheckpointError, or with ``fallback`` logs loudly and tries
+    the previous committed step. Family/shape mismatches always raise.
+    """
+    ckdir, pinned = locate(path)
+    step = pinned if step is None else step
+    listed = all_steps(ckdir)
+    if step is not None and step not in listed:
+        raise CheckpointError(f"{ckdir}: no step {step} (committed: {listed})")
+    candidates = [s for s in listed if step is None or s <= step]
+    if not candidates:
+        return None
+    errors = []
+    for s in reversed(candidates):
+        mngr = ocp.CheckpointManager(ckdir.absolute(), item_handlers={
+            "params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+            "config": ocp.JsonCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+        try:
+            bad = step_problems(ckdir, s)
+            if bad:
+                raise CheckpointError("incomplete: " + "; ".join(bad))
+            check_compatible(ckdir, s, cfg_dict, abstract_state[0])
+            state, data_state, _ = restore_state(mngr, s, abstract_state)
+            if not all_finite(state):
+                raise CheckpointError("it holds non-finite parameters or optimizer state")
+            meta = read_item(ckdir, s, "meta")
+            return state, data_state, s, meta
+        except IncompatibleCheckpoint:
+            raise  # another model: an older step of the same run would not fit either
+        except Exception as e:  # orbax/tensorstore raise many types for damaged files
+            msg = f"{ckdir}/{s}: cannot restore: {type(e).__name__}: {str(e)[:500]}"
+            errors.append(msg)
+            if not fallback:
+                older = [c for c in candidates if c < s]
+                hint = (f"; set checkpoint.fallback=true to use the previous committed step {older[-1]}"
+                        if older else "")
+                raise CheckpointError(msg + hint) from e
+            log.error("!!! CHECKPOINT FALLBACK: %s; trying an older step", msg)
+        finally:
+            mngr.close()
+    raise CheckpointError("no checkpoint could be restored:\n  " + "\n  ".join(errors))
+
+
+@jax.jit
+def _finite(tree):
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+              if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
+def all_finite(state) -> bool:
+    """True when every float array of ``state`` is finite (one device reduction)."""
+    return bool(_finite(_to_pure(state)))
+
+
 def restore_params(path: str | Path, abstract_params, step: int | None = None,
                    prefix: tuple[str, ...] = ()) -> dict:
     """Parameters from a jtl checkpoint that exist in ``abstract_params`` (an nnx.State of
@@ -67,11 +330,14 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None,
 
     Returns {path tuple: array}. Only paths under ``prefix`` (e.g. ("backbone",)) are read.
     """
-    ckdir = find_checkpoint_dir(path)
-    mngr = ocp.CheckpointManager(ckdir.absolute(), item_handlers={"params": ocp.PyTreeCheckpointHandler()})
-    step = mngr.latest_step() if step is None else step
+    ckdir, pinned = locate(path)
+    step = pinned if step is None else step
     if step is None:
-        raise CheckpointError(f"{ckdir}: no committed checkpoint")
+        good = valid_steps(ckdir)
+        if not good:
+            raise CheckpointError(f"{ckdir}: no complete committed checkpoint")
+        step = good[-1]
+    mngr = ocp.CheckpointManager(ckdir.absolute(), item_handlers={"params": ocp.PyTreeCheckpointHandler()})
     saved = mngr.item_metadata(step)["params"]
     saved_flat = {tuple(str(getattr(k, "key", k)) for k in p): v
                   for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
@@ -98,10 +364,15 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None,
         for k in key[:-1]:
             node = node.setdefault(k, {})
         node[key[-1]] = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
-    restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
-        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
-        partial_restore=True))).params
-    mngr.close()
+    try:
+        restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
+            target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+            partial_restore=True))).params
+    except Exception as e:
+        raise CheckpointError(f"{ckdir}/{step}/params: cannot restore: {type(e).__name__}: "
+                              f"{str(e)[:500]}") from e
+    finally:
+        mngr.close()
     out = {}
     for p, arr in jax.tree_util.tree_flatten_with_path(restored)[0]:
         key = tuple(str(getattr(k, "key", k)) for k in p)
@@ -110,24 +381,14 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None,
 
 
 def read_json_item(path: str | Path, item: str, step: int | None = None) -> dict:
-    ckdir = find_checkpoint_dir(path)
-    steps = sorted(int(c.name) for c in ckdir.iterdir() if c.name.isdigit())
-    if not steps:
-        raise CheckpointError(f"{ckdir}: no committed checkpoint")
-    step = steps[-1] if step is None else step
+    ckdir, pinned = locate(path)
+    step = pinned if step is None else step
+    if step is None:
+        good = valid_steps(ckdir)
+        if not good:
+            raise CheckpointError(f"{ckdir}: no complete committed checkpoint")
+        step = good[-1]
     f = ckdir / str(step) / item / "metadata"
     if not f.exists():
         raise CheckpointError(f"{f}: missing")
-    return json.loads(f.read_text())
-
-
-def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
-    """Full (params, opt) state restored into the shardings of ``abstract_state``."""
-    target_p = _abstract(_to_pure(abstract_state[0]))
-    target_o = _abstract(_to_pure(abstract_state[1]))
-    r = mngr.restore(step, args=ocp.args.Composite(
-        params=ocp.args.StandardRestore(target_p), opt=ocp.args.StandardRestore(target_o),
-        data=ocp.args.JsonRestore(), config=ocp.args.JsonRestore()))
-    nnx.replace_by_pure_dict(abstract_state[0], r.params)
-    nnx.replace_by_pure_dict(abstract_state[1], r.opt)
-    return abstract_state, r.data, r.config
+    return read_item(ckdir, step, item)

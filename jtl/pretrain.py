@@ -12,6 +12,7 @@ import numpy as np
 import yaml
 
 from jtl import checkpoint as ckpt
+from jtl import preemption
 from jtl import sharding as S
 from jtl.config import Config, ConfigError
 from jtl.data import lm
@@ -128,8 +129,15 @@ def evaluate_lm(setup: Setup, arrays: dict, batch_size: int) -> dict:
             "tokens": count}
 
 
-def pretrain(cfg: Config, load_params=None) -> dict:
-    """Run MLM/CLM pretraining as configured; returns the final metrics."""
+def pretrain(cfg: Config, load_params=None, on_step=None) -> dict:
+    """Run MLM/CLM pretraining as configured; returns the final metrics.
+
+    Resumes from RUN_DIR/checkpoints (or checkpoint.resume_from) exactly: params,
+    optimizer state (the step RNG derives from its counter) and data iterator. On
+    SIGTERM/SIGINT it checkpoints the current step and raises ``Preempted`` (exit
+    code 75, see jtl.preemption). ``on_step(step, guard)`` is called after each step
+    (tests use it to request a stop).
+    """
     out_dir = cfg.out_dir
     kind = cfg.task.kind
     if not cfg.data.train:
@@ -158,39 +166,99 @@ def pretrain(cfg: Config, load_params=None) -> dict:
 
     setup = build(cfg, spec, mesh, total, load_params)
     it = train_iterator(rows, cfg.train.batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
-    mngr = ckpt.manager(out_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save)
-    start = 0
-    if cfg.checkpoint.resume and mngr.latest_step() is not None:
-        start = mngr.latest_step()
-        setup.state, data_state, _ = ckpt.restore_state(mngr, start, setup.state)
-        if data_state:
-            it.set_state(data_state)
-        log.info("resumed from %s at step %d", out_dir / "checkpoints", start)
+    ck = cfg.checkpoint
+    ckdir = out_dir / "checkpoints"
+    start, skipped = _resume(cfg, setup, it, ckdir)
+    mngr = ckpt.manager(ckdir, keep=ck.keep, async_save=ck.async_save, keep_every=ck.keep_every,
+                        best_metric=cfg.task.metric if ck.keep_best else None, best_mode=cfg.task.metric_mode)
     writer = MetricWriter(out_dir)
     flops = train_flops_per_step(cfg.model, cfg.train.batch_size, cfg.data.seq_len, kind, P)
     logger = StepLogger(cfg, setup, writer, flops, total, start)
+    logger.skipped = skipped
     padded = cfg.train.batch_size * cfg.data.seq_len
-    state = setup.state
+    state, metrics = setup.state, None
+    every = ck.every if ck.enabled else 0
+
+    def save(step, metrics, extra=None) -> None:
+        """Checkpoint ``state`` at ``step`` unless it is non-finite (never the latest then)."""
+        finite = metrics is None or bool(metrics["finite"])
+        last = mngr.latest_step()
+        if not finite and cfg.train.nan_policy == "stop":
+            raise FloatingPointError(f"step {step}: non-finite loss/gradient (loss={float(metrics['loss'])}); "
+                                     f"stopping without checkpointing it (last checkpoint: step {last}; "
+                                     f"train.nan_policy=skip skips such updates)")
+        if not ckpt.all_finite(state):
+            raise FloatingPointError(f"step {step}: parameters or optimizer state are non-finite; not "
+                                     f"checkpointing them (last checkpoint: step {last})")
+        values = {"loss": float(metrics["loss"])} if metrics is not None else {}
+        ckpt.save(mngr, step, state, cfg.to_dict(), it.get_state(),
+                  meta={"skipped_updates": logger.skipped + (not finite)}, metrics={**values, **(extra or {})})
+
     t0 = time.perf_counter()
-    with jax.log_compiles(False):
-        for step in range(start + 1, total + 1):
-            host = next(it)
-            state, metrics = setup.train_step(state, S.global_batch(mesh, host))
-            logger.push(step, metrics, lm.real_tokens(host), padded)
-            if cfg.checkpoint.enabled and cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < total:
-                setup.state = state
-                ckpt.save(mngr, step, state, cfg.to_dict(), it.get_state())
-    logger.flush()
-    setup.state = state
-    wall = time.perf_counter() - t0
-    summary = {"steps": total, "train_wall_s": wall, **{f"train_{k}": v for k, v in logger.last.items()}}
-    if val_rows is not None:
-        ev = evaluate_lm(setup, val_rows, cfg.train.eval_batch_size or cfg.train.batch_size)
-        writer.write(total, ev, "validation")
-        summary.update({f"validation_{k}": v for k, v in ev.items()})
-    ckpt.save(mngr, total, state, cfg.to_dict(), it.get_state(), force=False)
-    mngr.wait_until_finished()
-    mngr.close()
-    writer.close()
+    try:
+        with preemption.Guard() as guard, jax.log_compiles(False):
+            for step in range(start + 1, total + 1):
+                host = next(it)
+                state, metrics = setup.train_step(state, S.global_batch(mesh, host))
+                logger.push(step, metrics, lm.real_tokens(host), padded)
+                if on_step is not None:
+                    on_step(step, guard)
+                if guard.stop_requested(step) and step < total:  # at total the final save does it
+                    save(step, metrics)
+                    ckpt.wait(mngr)
+                    logger.flush()
+                    err = preemption.Preempted(step, str(ckdir))
+                    log.warning("jtl: %s; exiting with code %d", err, preemption.EXIT_PREEMPTED)
+                    raise err
+                if every and step % every == 0 and step < total:
+                    save(step, metrics)
+        logger.flush()
+        setup.state = state
+        wall = time.perf_counter() - t0
+        summary = {"steps": total, "train_wall_s": wall, "resumed_from_step": start,
+                   **{f"train_{k}": v for k, v in logger.last.items()}}
+        ev = {}
+        if val_rows is not None:
+            ev = evaluate_lm(setup, val_rows, cfg.train.eval_batch_size or cfg.train.batch_size)
+            writer.write(total, ev, "validation")
+            summary.update({f"validation_{k}": v for k, v in ev.items()})
+        if start < total:
+            save(total, metrics, {f"validation_{k}": v for k, v in ev.items()})
+        ckpt.wait(mngr)
+    finally:
+        try:  # whatever stopped the loop, let a save in flight commit
+            mngr.wait_until_finished()
+        except Exception as e:  # already reported by ckpt.wait / ckpt.save when it matters
+            log.error("checkpoint save failed: %s", e)
+        mngr.close()
+        ckpt.empty_trash(ckdir)
+        writer.close()
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _resume(cfg: Config, setup: Setup, it, ckdir: Path) -> tuple[int, int]:
+    """Restore state + data iterator from the run's own checkpoints, else from
+    checkpoint.resume_from; returns (start step, skipped updates so far)."""
+    ck = cfg.checkpoint
+    if not ck.resume:
+        ckpt.set_aside(ckdir)
+        return 0, 0
+    source = ckdir if ckpt.all_steps(ckdir) else ck.resume_from
+    if ck.resume_from and source == ckdir:
+        log.warning("checkpoint.resume_from=%s ignored: this run has its own checkpoints in %s",
+                    ck.resume_from, ckdir)
+    if source is None:
+        return 0, 0
+    got = ckpt.resume(source, setup.state, cfg.to_dict(), fallback=ck.fallback)
+    if got is None:
+        return 0, 0
+    setup.state, data_state, step, meta = got
+    saved = ckpt.read_item(ckpt.locate(source)[0], step, "config")
+    if saved.get("data") != json.loads(json.dumps(cfg.to_dict())).get("data"):
+        log.warning("the data config differs from the checkpoint's: the data stream will not "
+                    "continue exactly where it stopped")
+    if data_state:
+        it.set_state(data_state)
+    log.info("resumed from %s at step %d", ckpt.locate(source)[0] / str(step), step)
+    return step, int(meta.get("skipped_updates", 0))
