@@ -167,7 +167,7 @@ def test_multilabel(tmp_path):
                     labels.append(name)
             out.append({"text": " ".join(s), "label": labels})
         return out
-    _, summary = run(tmp_path, "ml", ["task.kind=multilabel", "train.steps=200", "data.labels=a,b"],
+    _, summary = run(tmp_path, "ml", ["task.kind=multilabel", "train.steps=200", "task.pooling=mean", "data.labels=a,b"],
                      rows(400), rows(40))
     assert summary["final"]["validation"]["micro_f1"] >= 0.95, summary
 
