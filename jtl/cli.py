@@ -19,6 +19,9 @@ def _setup_logging(verbose: bool) -> None:
 def cmd_train(args) -> int:
     from jtl import config
     cfg = config.load(args.config, args.overrides)
+    if cfg.model.init_from:  # the architecture comes from the pretrained source
+        from jtl.weights import resolve_config
+        cfg = resolve_config(cfg)
     if cfg.task.kind in ("mlm", "clm"):
         from jtl.pretrain import pretrain
         summary = pretrain(cfg, _weights_loader(cfg))

@@ -145,24 +145,23 @@ def load_params(model_cfg: ModelConfig, task: str, source, abstract_params) -> d
             chosen.append(hit)
             if hit is None:
                 missing.append(cands[0])
-        if missing:
-            more = f" (+{len(missing) - 2} more)" if len(missing) > 2 else ""
-            if head:
-                fresh.append(name)
-            else:
-                problems.append(f"missing {name} {target}: no {', '.join(missing[:2])}{more}")
-            continue
         per = target[1:] if stacked else target
         bad = [(k, tuple(source.shape(k))) for k in chosen
-               if T.converted_shape(source.shape(k), ops, dims) != per]
+               if k is not None and T.converted_shape(source.shape(k), ops, dims) != per]
+        if head and (missing or bad):
+            fresh.append(name + (f" (checkpoint shape {bad[0][1]} does not fit {per})" if bad else ""))
+            continue
+        if missing:
+            more = f" (+{len(missing) - 2} more)" if len(missing) > 2 else ""
+            problems.append(f"missing {name} {target}: no {', '.join(missing[:2])}{more}")
         if bad:
             k, s = bad[0]
             msg = (f"shape {name}: checkpoint {k} {s} -> {T.converted_shape(s, ops, dims)}, "
                    f"model expects {per}")
             if spath == ("backbone", "embed", "tokens"):
                 msg += f" (vocab size: checkpoint {s[0]}, model.vocab_size={model_cfg.vocab_size})"
-            (fresh if head else problems).append(f"{name} (checkpoint shape {s} does not fit {per})"
-                                                 if head else msg)
+            problems.append(msg)
+        if missing or bad:
             continue
         plan[path] = (var, chosen, ops, stacked)
 
