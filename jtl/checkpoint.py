@@ -89,6 +89,25 @@ def manager(directory: Path, keep: int = 2, async_save: bool = True,
         "meta": ocp.JsonCheckpointHandler()})
 
 
+def _reader(ckdir: Path, params_handler=None) -> ocp.CheckpointManager:
+    """A manager for reading: every item registered (else Orbax warns about each one)."""
+    return ocp.CheckpointManager(Path(ckdir).absolute(), item_handlers={
+        "params": params_handler or ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
+        "config": ocp.JsonCheckpointHandler(), "data": ocp.JsonCheckpointHandler(),
+        "meta": ocp.JsonCheckpointHandler()})
+
+
+def _describe(e: Exception) -> str:
+    """One readable line for an Orbax/TensorStore error, naming the array when it can."""
+    import re
+    text = f"{e} {e.__cause__ or ''}"
+    m = re.search(r"'path': '([^']+)'", text)
+    first = str(e).splitlines()[0][:300] if str(e) else ""
+    cause = str(e.__cause__).splitlines()[0][:300] if e.__cause__ else ""
+    return (f"{type(e).__name__}: {first}" + (f" (array {m.group(1).rstrip('/')})" if m else "")
+            + (f"; cause: {cause}" if cause else ""))
+
+
 def empty_trash(directory: Path) -> None:
     # Steps in the trash were dropped by retention after a newer step committed; a kill
     # while deleting them here is harmless (the trash is never listed as a step).
@@ -226,7 +245,7 @@ def check_compatible(ckdir: Path, step: int, cfg_dict: dict, abstract_params) ->
     if fam != want_fam:
         raise IncompatibleCheckpoint(f"{ckdir}/{step} holds a model.family={fam} model; this run is "
                               f"model.family={want_fam}: refusing to resume from it")
-    mngr = ocp.CheckpointManager(Path(ckdir).absolute(), item_handlers={"params": ocp.StandardCheckpointHandler()})
+    mngr = _reader(ckdir)
     try:
         saved = _flat_shapes(mngr.item_metadata(step)["params"])
     except Exception as e:
@@ -282,9 +301,7 @@ def resume(path: str | Path, abstract_state, cfg_dict: dict, step: int | None = 
         return None
     errors = []
     for s in reversed(candidates):
-        mngr = ocp.CheckpointManager(ckdir.absolute(), item_handlers={
-            "params": ocp.StandardCheckpointHandler(), "opt": ocp.StandardCheckpointHandler(),
-            "config": ocp.JsonCheckpointHandler(), "data": ocp.JsonCheckpointHandler()})
+        mngr = _reader(ckdir)
         try:
             bad = step_problems(ckdir, s)
             if bad:
@@ -298,7 +315,7 @@ def resume(path: str | Path, abstract_state, cfg_dict: dict, step: int | None = 
         except IncompatibleCheckpoint:
             raise  # another model: an older step of the same run would not fit either
         except Exception as e:  # orbax/tensorstore raise many types for damaged files
-            msg = f"{ckdir}/{s}: cannot restore: {type(e).__name__}: {str(e)[:500]}"
+            msg = f"{ckdir}/{s}: cannot restore: {_describe(e)}"
             errors.append(msg)
             if not fallback:
                 older = [c for c in candidates if c < s]
@@ -337,7 +354,7 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None,
         if not good:
             raise CheckpointError(f"{ckdir}: no complete committed checkpoint")
         step = good[-1]
-    mngr = ocp.CheckpointManager(ckdir.absolute(), item_handlers={"params": ocp.PyTreeCheckpointHandler()})
+    mngr = _reader(ckdir, ocp.PyTreeCheckpointHandler())
     saved = mngr.item_metadata(step)["params"]
     saved_flat = {tuple(str(getattr(k, "key", k)) for k in p): v
                   for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
@@ -369,8 +386,7 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None,
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
             partial_restore=True))).params
     except Exception as e:
-        raise CheckpointError(f"{ckdir}/{step}/params: cannot restore: {type(e).__name__}: "
-                              f"{str(e)[:500]}") from e
+        raise CheckpointError(f"{ckdir}/{step}/params: cannot restore: {_describe(e)}") from e
     finally:
         mngr.close()
     out = {}
