@@ -18,12 +18,11 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 from pathlib import Path
 
 import yaml
 
-from jtl.config import Config, ConfigError, ModelConfig
+from jtl.config import Config, ModelConfig
 from jtl.convert import hf as H
 from jtl.convert.sources import GGUFSource, SafetensorsSource, WeightsError, gguf_metadata
 
@@ -113,7 +112,7 @@ def params_loader(cfg: Config):
         kind = _kind(p)
         if kind == "jtl":
             from jtl.checkpoint import restore_params
-            out = restore_params(p, abstract_params, prefix=("backbone",))
+            out = restore_params(p, _Concrete(abstract_params), prefix=("backbone",))
             fresh = [".".join(map(str, k)) for k, _ in abstract_params.flat_state() if k not in out]
             if fresh:
                 log.warning("newly initialized (not from %s): %s", p, ", ".join(fresh))
@@ -159,6 +158,20 @@ def export_hf(model_cfg: ModelConfig, params, out_dir, tokenizer_dir=None, *, ta
                        labels=labels)
 
 
+class _Concrete:
+    """Abstract params with real-device shardings (Orbax cannot restore onto an AbstractMesh)."""
+
+    def __init__(self, abstract_params):
+        import jax
+        from jtl.convert.hf import concrete_sharding
+        self.items = [(path, jax.ShapeDtypeStruct(tuple(v.shape), v.dtype,
+                                                  sharding=concrete_sharding(v.sharding)))
+                      for path, v in abstract_params.flat_state()]
+
+    def flat_state(self):
+        return self.items
+
+
 class _SavedParams:
     """Abstract params (shape, dtype, one-device sharding) read from a checkpoint's metadata."""
 
@@ -195,6 +208,3 @@ def export_run(run_dir, out_dir) -> Path:
     return export_hf(cfg.model, params, out_dir, tok if tok.is_dir() else None, task=cfg.task.kind,
                      pooling=cfg.task.pooling, labels=cfg.data.labels)
 
-
-if os.environ.get("JTL_WEIGHTS_DEBUG"):
-    logging.basicConfig(level=logging.INFO)

@@ -192,6 +192,19 @@ def test_loaded_arrays_carry_target_sharding(saved):
                                              else want[path], arr.ndim), path
 
 
+def test_sharded_safetensors_index(saved, tmp_path):
+    folder, model = saved["llama_gqa_untied"]
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    assert len(list(tmp_path.glob("*.safetensors"))) > 2
+    cfg = resolve_config(jtl_config("clm", tmp_path))
+    abstract = _abstract(cfg)
+    one, many = params_loader(resolve_config(jtl_config("clm", folder)))(abstract), params_loader(cfg)(abstract)
+    assert set(one) == set(many) and len(one) == len(list(abstract.flat_state()))
+    for path in one:
+        np.testing.assert_array_equal(np.asarray(one[path]), np.asarray(many[path]))
+
+
 # ------------------------------------------------------------------ jtl -> HF export
 
 
@@ -235,6 +248,42 @@ def test_export_round_trip(case, tmp_path):
     assert loaded, "nothing re-imported"
     for path, arr in loaded.items():
         np.testing.assert_array_equal(np.asarray(arr), np.asarray(original[path][...]), err_msg=str(path))
+
+
+def test_jtl_run_dir_backbone_and_export_run(tmp_path):
+    import yaml
+    from jtl import checkpoint
+    from jtl.weights import export_run
+    cfg = jtl_config("mlm", family="bert", vocab_size=V, hidden=32, layers=2, heads=4, mlp=48, max_len=40)
+    mesh = S.make_mesh((1, 1, 1))
+    graphdef, state, _ = train.init_state(cfg, TaskSpec(max_predictions=SEQ), mesh, 10)
+    run = tmp_path / "run"
+    raw = json.loads(json.dumps(cfg.to_dict()))
+    mngr = checkpoint.manager(run / "checkpoints", async_save=False)
+    checkpoint.save(mngr, 1, state, raw)
+    checkpoint.wait(mngr)
+    (run / "config.yaml").write_text(yaml.safe_dump(raw))
+    # Fine-tuning from the run: architecture from its config.yaml, backbone from its checkpoint.
+    user = jtl_config("classification", run, hidden=48, dropout=0.2)
+    cfg2 = resolve_config(user)
+    assert cfg2.model.hidden == 32 and cfg2.model.dropout == 0.2
+    loaded = params_loader(cfg2)(_abstract(cfg2))
+    original = dict(state[0].flat_state())
+    assert loaded and all(p[0] == "backbone" for p in loaded)
+    assert len(loaded) == sum(1 for p in original if p[0] == "backbone")
+    for path, arr in loaded.items():
+        np.testing.assert_array_equal(np.asarray(arr), np.asarray(original[path][...]))
+    # jtl export RUN_DIR OUT: a BertForMaskedLM with the same logits.
+    export_run(run, tmp_path / "hf")
+    hf = transformers.AutoModelForMaskedLM.from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
+    ids, mask, tt = batch_arrays(seed=2, types=True)
+    _, ref = torch_outputs(hf, ids, mask, tt)
+    model = nnx.merge(graphdef, state)[0]
+    with S.activate(mesh):
+        out = model(cfg.model, {"input_ids": jnp.asarray(ids), "segment_ids": jnp.asarray(mask),
+                                "token_type_ids": jnp.asarray(tt),
+                                "mlm_positions": jnp.broadcast_to(jnp.arange(SEQ), ids.shape)})
+    assert maxdiff(np.asarray(out), ref, mask) < TOL
 
 
 # ------------------------------------------------------------------ errors
