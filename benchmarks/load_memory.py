@@ -10,8 +10,10 @@ RSS (psutil) every 5 ms; ``ru_maxrss`` gives the kernel's own peak. On CPU the
 checkpoint: a loader that streams adds little on top of that, one that reads
 the whole file first needs ~2x.
 
-Methods: ``jtl`` (jtl.weights.params_loader: per-device slices via pread) and
-``naive`` (safetensors.numpy.load_file of the whole file, then device_put).
+Methods: ``jtl`` (jtl.weights.params_loader: per-device slices via pread),
+``safe_open`` (the same loader reading slices through ``safe_open(...).get_slice``,
+i.e. a memory-mapped file whose touched pages count in RSS) and ``naive``
+(safetensors.numpy.load_file of the whole file, then device_put).
 """
 from __future__ import annotations
 
@@ -58,6 +60,27 @@ def write_checkpoint(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(BERT_BASE))
 
 
+class SafeOpenSource:
+    """The same slicing loader over ``safe_open(...).get_slice`` (memory-mapped file)."""
+
+    def __init__(self, folder: Path):
+        from safetensors import safe_open
+        self.name = str(folder)
+        self.f = safe_open(str(folder / "model.safetensors"), "np")
+
+    def keys(self):
+        return list(self.f.keys())
+
+    def shape(self, key):
+        return tuple(self.f.get_slice(key).get_shape())
+
+    def file(self, key):
+        return self.name
+
+    def read(self, key, region):
+        return self.f.get_slice(key)[tuple(slice(a, b) for a, b in region)]
+
+
 def measure(folder: Path, method: str, mesh_shape: tuple) -> dict:
     import resource
     import threading
@@ -91,6 +114,9 @@ def measure(folder: Path, method: str, mesh_shape: tuple) -> dict:
     t0 = time.perf_counter()
     if method == "jtl":
         loaded = params_loader(cfg)(params)
+    elif method == "safe_open":
+        from jtl.convert.hf import load_params
+        loaded = load_params(cfg.model, cfg.task.kind, SafeOpenSource(folder), params)
     else:
         from safetensors.numpy import load_file
         from jtl.convert import tables as T
@@ -128,7 +154,7 @@ def measure(folder: Path, method: str, mesh_shape: tuple) -> dict:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--methods", default="jtl,naive")
+    ap.add_argument("--methods", default="jtl,safe_open,naive")
     ap.add_argument("--mesh", default="1,8,1", help="data,fsdp,tensor")
     ap.add_argument("--out", default=None, help="append JSON lines here")
     ap.add_argument("--_write", help=argparse.SUPPRESS)
@@ -152,7 +178,7 @@ def main(argv=None) -> int:
                   f"RSS before {res['rss_before_mb']:.0f} MB, peak {res['peak_rss_mb']:.0f} MB "
                   f"(+{res['peak_increase_over_checkpoint']:.2f}x checkpoint), after "
                   f"{res['rss_after_mb']:.0f} MB, device arrays {res['device_arrays_mb']:.0f} MB, "
-                  f"{res['load_seconds']:.1f} s")
+                  f"ru_maxrss {res['ru_maxrss_mb']:.0f} MB, {res['load_seconds']:.1f} s")
             if args.out:
                 with open(args.out, "a") as f:
                     f.write(line + "\n")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import os
 from pathlib import Path
 
 import yaml
@@ -138,7 +139,25 @@ def load_hf_tokenizer_dir(init_from: str | None) -> str | None:
         return str(p / "tokenizer") if (p / "tokenizer").is_dir() else None
     if kind == "hf" and any((p / f).exists() for f in ("tokenizer.json", "vocab.txt", "vocab.json")):
         return str(p)
+    if kind == "gguf":
+        return _gguf_tokenizer_dir(p)
     return None
+
+
+def _gguf_tokenizer_dir(path: Path) -> str | None:
+    """The tokenizer embedded in a GGUF file, converted once by transformers into a cache folder."""
+    out = (Path(os.environ.get("JTL_CACHE", "~/.cache/jtl")).expanduser() / "gguf-tokenizers"
+           / f"{path.stem}-{path.stat().st_size}")
+    if (out / "tokenizer.json").exists():
+        return str(out)
+    try:
+        from transformers import AutoTokenizer
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except Exception as e:  # noqa: BLE001 - an unreadable tokenizer just means "train/give one"
+        log.warning("%s: could not read its tokenizer (%s: %s)", path, type(e).__name__, e)
+        return None
+    tok.save_pretrained(str(out))
+    return str(out)
 
 
 def _flat(params) -> dict:

@@ -303,6 +303,9 @@ def test_truncated_safetensors_names_the_file(saved, tmp_path):
     cfg = resolve_config(jtl_config("classification", bad))
     with pytest.raises(WeightsError, match=r"model\.safetensors.*truncated"):
         params_loader(cfg)(_abstract(cfg))
+    f.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json at all" + bytes(64))
+    with pytest.raises(WeightsError, match=r"model\.safetensors: corrupt safetensors header"):
+        params_loader(cfg)(_abstract(cfg))
 
 
 def test_shape_problems_reported_together(saved, tmp_path):
@@ -335,6 +338,23 @@ def test_wrong_family_and_unknown_model_type(saved, tmp_path):
     (other / "config.json").write_text(json.dumps({"model_type": "t5"}))
     with pytest.raises(ConfigError, match=r"t5.*config\.json.*bert, roberta, gpt2, llama|config\.json.*t5"):
         resolve_config(jtl_config("classification", other))
+
+
+def test_hub_name_downloads_only_safe_files(saved, monkeypatch):
+    import huggingface_hub
+    from jtl.weights import local_path
+    calls = []
+
+    def fake_snapshot_download(repo_id, allow_patterns=None, **kw):
+        calls.append((repo_id, allow_patterns))
+        return str(saved["gpt2"][0])
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    local_path.cache_clear()
+    cfg = resolve_config(jtl_config("clm", "someone/tiny-gpt2"))
+    assert cfg.model.family == "gpt2" and calls[0][0] == "someone/tiny-gpt2"
+    assert "*.safetensors" in calls[0][1] and not any("bin" in p or "pt" in p for p in calls[0][1])
+    local_path.cache_clear()
 
 
 def test_hub_name_offline_is_a_clear_error(monkeypatch):
@@ -401,7 +421,8 @@ def _hf_llama_from_gguf(path: Path):
 def test_smollm2_gguf_real_weights():
     path = Path(os.environ["JTL_SMOLLM2_GGUF"])
     ref_model, how = _hf_llama_from_gguf(path)
-    tok = transformers.AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    from jtl.weights import load_hf_tokenizer_dir
+    tok = transformers.AutoTokenizer.from_pretrained(load_hf_tokenizer_dir(str(path)))
     texts = ["<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n",
              "Once upon a time"]
     enc = [tok(t)["input_ids"] for t in texts]

@@ -224,7 +224,6 @@ def rules(family: str, task: str) -> dict:
     out = {}
     for name, (keys, ops) in BACKBONE[family].items():
         out[("backbone",) + tuple(name.split("."))] = (_keys(keys), ops)
-    # The pooler of a plain BertModel checkpoint feeds sequence heads.
     heads = HEADS.get((family, task), ({}, None))[0]
     for name, (keys, ops) in heads.items():
         out[(name,)] = (_keys(keys), ops)
@@ -234,7 +233,8 @@ def rules(family: str, task: str) -> dict:
 def known_keys(family: str) -> set:
     """Every (templated) HF key any head or backbone rule of ``family`` reads."""
     keys = set()
-    for table in [BACKBONE[family]] + [h for (f, _), (h, _) in HEADS.items() if f == family] + [_BERT_POOLER]:
+    pooler = [_BERT_POOLER] if family in ("bert", "roberta") else []  # RobertaModel has one too
+    for table in [BACKBONE[family]] + [h for (f, _), (h, _) in HEADS.items() if f == family] + pooler:
         for k, _ in table.values():
             keys.update(_keys(k))
     return keys
