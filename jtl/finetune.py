@@ -245,7 +245,13 @@ def finetune(cfg: Config, load_params=None) -> dict:
     per_epoch = T.batches_per_epoch(enc["train"].lengths, buckets, B)
     total = cfg.train.steps or max(1, int(round(cfg.train.epochs * per_epoch)))
     spec = TaskSpec(num_labels=num_labels(cfg))
-    metric, mode = metric_name(cfg), cfg.task.metric_mode
+    metric = metric_name(cfg)
+    allowed = E.BY_KIND[cfg.task.kind] if cfg.task.kind != "classification" or num_labels(cfg) == 2 \
+        else tuple(m for m in E.BY_KIND["classification"] if m != "f1")
+    if metric not in allowed:
+        raise ConfigError(f"task.metric={metric!r} is not computed for task.kind={cfg.task.kind!r} "
+                          f"({num_labels(cfg)} labels); use one of {', '.join(allowed)}")
+    mode = "min" if metric in E.LOWER_IS_BETTER else cfg.task.metric_mode
     log.info("%s: %d train rows (%d features), %d batches/epoch, %d steps, buckets %s, metric %s",
              cfg.task.kind, enc["train"].n_rows, len(enc["train"]), per_epoch, total, buckets, metric)
 
@@ -269,6 +275,7 @@ def finetune(cfg: Config, load_params=None) -> dict:
     stopped_early = False
     it = T.train_batches(enc["train"], cfg.data, B, cfg.train.seed + cfg.data.seed, start)
     real_total = padded_total = 0
+    eval_s = 0.0  # time spent evaluating/saving inside the loop (not training)
     t0 = time.perf_counter()
     state = setup.state
     step = start
@@ -284,15 +291,14 @@ def finetune(cfg: Config, load_params=None) -> dict:
         if not is_eval:
             continue
         setup.state = state
+        t_eval = time.perf_counter()
         if val is None:
             ckpt.save(mngr, step, state, cfg.to_dict(), metrics={metric: 0.0} if cfg.checkpoint.keep_best
                       else None, force=True)
             best_step = step
+            eval_s += time.perf_counter() - t_eval
             continue
         ev = evaluate(setup, val, eval_bs)
-        if metric not in ev:
-            raise ConfigError(f"task.metric={metric!r} is not computed for task.kind="
-                              f"{cfg.task.kind!r}; available: {', '.join(sorted(ev))}")
         writer.write(step, ev, "validation")
         history.append({"step": step, **ev})
         log.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in ev.items()
@@ -304,13 +310,14 @@ def finetune(cfg: Config, load_params=None) -> dict:
             bad_evals += 1
         if improved or not cfg.checkpoint.keep_best:
             ckpt.save(mngr, step, state, cfg.to_dict(), metrics={metric: float(ev[metric])}, force=True)
+        eval_s += time.perf_counter() - t_eval
         if cfg.train.patience and bad_evals >= cfg.train.patience:
             log.info("early stopping at step %d: no %s improvement in %d evaluations", step, metric,
                      bad_evals)
             stopped_early = True
             break
     logger.flush()
-    train_wall = time.perf_counter() - t0
+    train_wall = time.perf_counter() - t0 - eval_s
     setup.state = state
     mngr.wait_until_finished()
     if best_step is not None and best_step != step:
@@ -319,14 +326,16 @@ def finetune(cfg: Config, load_params=None) -> dict:
                "steps_run": step, "total_steps": total, "stopped_early": stopped_early,
                "train_rows": enc["train"].n_rows,
                "truncated": {s: e.truncated for s, e in enc.items()},
-               "train_wall_s": round(train_wall, 2), "setup_s": round(t0 - t_build, 2),
+               "train_wall_s": round(train_wall, 2), "eval_in_loop_s": round(eval_s, 2),
+               "setup_s": round(t0 - t_build, 2),
                "real_tokens_per_s": real_total / max(train_wall, 1e-9),
                "padded_tokens_per_s": padded_total / max(train_wall, 1e-9),
                "padding_fraction": 1 - real_total / max(padded_total, 1),
                **{f"train_{k}": v for k, v in logger.last.items()}}
     final = {}
     if val is not None:
-        final["validation"] = history[[h["step"] for h in history].index(best_step)]
+        done = [h for h in history if h["step"] == best_step]
+        final["validation"] = done[0] if done else evaluate(setup, val, eval_bs)  # e.g. resumed at the end
     if "test" in enc:
         final["test"] = evaluate(setup, enc["test"], eval_bs)
         writer.write(best_step or step, final["test"], "test")
@@ -351,6 +360,8 @@ def _has_labels(rows: list[Row], cfg: Config) -> bool:
 def load_run(run_dir: str | Path, config_path: str | None = None, overrides=()):
     """(cfg, tokenizer, Setup with the best parameters) of a finished fine-tuning run."""
     run = Path(run_dir)
+    if config_path is not None and "=" in str(config_path) and not Path(config_path).is_file():
+        overrides, config_path = [config_path, *overrides], None  # `jtl eval RUN key=value`
     if not (run / "config.yaml").exists() and config_path is None:
         raise ConfigError(f"{run}: no config.yaml (is this a jtl run directory?)")
     cfg = C.load(str(config_path or run / "config.yaml"), list(overrides))

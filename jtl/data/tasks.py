@@ -90,11 +90,13 @@ class LabelMap:
     def __init__(self, labels: tuple[str, ...], field_name: str):
         self.labels, self.field = labels, field_name
         self.index = {name: i for i, name in enumerate(labels)}
+        # Integer values are read as indices only when no label is itself an integer.
+        self.by_index = not any(name.lstrip("-").isdigit() for name in labels)
 
     def __call__(self, value, where: str) -> int:
         i = self.index.get(_label_key(value))
-        if i is None and isinstance(value, int) and not isinstance(value, bool) and \
-                0 <= value < len(self.labels):
+        if i is None and self.by_index and isinstance(value, int) and not isinstance(value, bool) \
+                and 0 <= value < len(self.labels):
             i = value
         if i is None:
             shown = ", ".join(self.labels[:20]) + (" ..." if len(self.labels) > 20 else "")
