@@ -214,7 +214,8 @@ def measure(cfg, mesh=None, *, warmup: int = 2, steps: int = 5, host_peak: float
     t1 = time.perf_counter()
     compiled = lowered.compile()
     t2 = time.perf_counter()
-    state, setup.state = setup.state, None
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.params))
+    state, setup.state = setup.state, None  # donated to the step from here on
     times = []
     for _ in range(warmup + steps):
         t = time.perf_counter()
@@ -232,7 +233,7 @@ def measure(cfg, mesh=None, *, warmup: int = 2, steps: int = 5, host_peak: float
         "preset": cfg.name, "family": cfg.model.family, "task": cfg.task.kind,
         "dtype": cfg.model.dtype, "batch": b, "seq": s,
         "mesh": dict(zip(S.MESH_AXES, (mesh.shape[a] for a in S.MESH_AXES))),
-        "params": sum(int(np.prod(x.shape)) for x in jax.tree.leaves(setup.params)),
+        "params": n_params,
         "trace_lower_s": t1 - t0, "compile_s": t2 - t1,
         "step_s_median": med, "step_s_min": min(timed), "step_s_max": max(timed),
         "step_s_all": times, "warmup": warmup,
