@@ -28,7 +28,6 @@ STEPS = 12
 TINY = ["model.hidden=32", "model.layers=1", "model.heads=2", "model.mlp=64", "model.vocab_size=1024",
         "data.tokenizer_vocab=1000", "data.seq_len=32", "model.max_len=32", "train.batch_size=16",
         "data.max_examples=2000", f"train.steps={STEPS}", "train.progress=false", "train.log_every=1",
-        "model.dropout=0.0", "model.attention_dropout=0.0",
         f"data.train={REPO / 'examples/data/reviews_unlabelled.txt'}"]
 
 
@@ -94,7 +93,9 @@ def test_uninterrupted_run_layout(reference):
 
 def test_interrupt_and_resume_is_bit_exact(reference, tmp_path):
     """Stop at step 3 (not a save step), resume, stop at 8 (a save step), resume to
-    the end: identical per-step losses, final params/optimizer state and data position."""
+    the end: identical per-step losses, final params/optimizer state and data position.
+    Dropout (0.1) and MLM masking draw from an RNG derived from the optimizer's step
+    counter, so restoring the optimizer state restores the RNG stream too."""
     tok = reference / "tokenizer"
     cfg = make_cfg(tmp_path, tokenizer=tok)
     for k in (3, 8):
@@ -274,3 +275,18 @@ def test_sigkill_during_async_saves_then_sigterm(reference, tmp_path):
     stopped = int(out.split("preempted at step ")[1].split(";")[0])
     assert stopped > killed_at and ckpt.valid_steps(ckdir)[-1] == stopped
     assert load(tmp_path, cfg)[2] == stopped
+
+
+def test_retention_latest_every_k_and_best(tmp_path):
+    """keep=2 latest + every 4th + the best by metric; the latest is never dropped for the best."""
+    import jax.numpy as jnp
+    state = ({"w": jnp.ones((4, 4))}, {"mu": jnp.zeros((4, 4))})
+    mngr = ckpt.manager(tmp_path, keep=2, keep_every=4, best_metric="loss", best_mode="min")
+    loss = {1: 5.0, 2: 1.0, 3: 3.0, 4: 9.0, 5: 8.0, 6: 7.0, 7: 10.0, 9: 11.0}
+    for step, v in loss.items():
+        assert ckpt.save(mngr, step, state, {"model": {"family": "bert"}}, metrics={"loss": v})
+    ckpt.wait(mngr)
+    assert not ckpt.save(mngr, 9, state, {})  # an existing step is not overwritten
+    assert mngr.best_step() == 2 and mngr.latest_step() == 9
+    mngr.close()
+    assert ckpt.valid_steps(tmp_path) == [2, 4, 7, 9]
