@@ -56,6 +56,8 @@ def _kind(path: Path) -> str:
 def local_path(init_from: str) -> Path:
     """A local path for ``init_from``; Hub names are downloaded (safetensors + json/txt only)."""
     p = Path(init_from).expanduser()
+    if p.is_file() and p.suffix == ".safetensors":
+        p = p.parent  # a model.safetensors inside its HF folder
     if p.exists():
         return p
     if init_from.count("/") != 1 or init_from.startswith((".", "/")):

@@ -98,10 +98,15 @@ def jtl_outputs(cfg, mesh_shape, ids, mask, tt=None, load=True, num_labels=3, vi
     spec = TaskSpec(num_labels=num_labels if cfg.task.kind not in ("mlm", "clm") else 0,
                     max_predictions=SEQ)
     loader = params_loader(cfg) if load else None
-    if via_init_state or not load:
+    if via_init_state:
         graphdef, params, _ = train.init_state(cfg, spec, mesh, 10, loader)
         model_params = params[0]
         merge = lambda st: nnx.merge(graphdef, st)[0]
+    elif not load:  # a random model, created eagerly (tiny; no init program to compile)
+        with S.activate(mesh):
+            graphdef, params = nnx.split(train.create_model(cfg, spec))
+        model_params = params
+        merge = lambda st: nnx.merge(graphdef, st)
     else:
         with S.activate(mesh):
             graphdef, params = nnx.split(nnx.eval_shape(lambda: train.create_model(cfg, spec)))
@@ -205,11 +210,26 @@ def test_sharded_safetensors_index(saved, tmp_path):
         np.testing.assert_array_equal(np.asarray(one[path]), np.asarray(many[path]))
 
 
+def test_bf16_checkpoint_into_fp32_and_bf16_params(saved, tmp_path):
+    folder, model = saved["llama_tied"]
+    bf = hf_model("llama", tied=True).to(torch.bfloat16)
+    bf.save_pretrained(tmp_path)
+    for dtype in ("float32", "bfloat16"):
+        cfg = resolve_config(jtl_config("clm", tmp_path / "model.safetensors", param_dtype=dtype))
+        loaded = params_loader(cfg)(_abstract(cfg))
+        q = np.asarray(loaded[("backbone", "layers", "q_w")])
+        assert q.dtype == np.dtype(jnp.dtype(dtype))
+        want = bf.model.layers[1].self_attn.q_proj.weight.detach().float().numpy().reshape(4, 8, 32)
+        np.testing.assert_array_equal(q[1].astype(np.float32), want)
+
+
 # ------------------------------------------------------------------ jtl -> HF export
 
 
 EXPORT_CASES = {  # name: (model fields, task, transformers auto class)
     "bert_cls": (dict(family="bert"), "classification", "AutoModelForSequenceClassification"),
+    "bert_no_types_mlm": (dict(family="bert", type_vocab=0, tie_embeddings=False), "mlm",
+                          "AutoModelForMaskedLM"),
     "roberta_mlm": (dict(family="roberta", type_vocab=1, pad_id=1, position_offset=2), "mlm",
                     "AutoModelForMaskedLM"),
     "gpt2": (dict(family="gpt2", activation="gelu_tanh", type_vocab=0, norm_eps=1e-5), "clm",
@@ -224,7 +244,7 @@ def test_export_round_trip(case, tmp_path):
     fields, task, auto = EXPORT_CASES[case]
     fields = dict(vocab_size=V, hidden=32, layers=2, heads=4, mlp=48, max_len=40, **fields)
     cfg = jtl_config(task, **fields)
-    ids, mask, tt = batch_arrays(seed=1, types=fields["family"] == "bert")
+    ids, mask, tt = batch_arrays(seed=1, types=fields["family"] == "bert" and fields.get("type_vocab") != 0)
     h, out, params = jtl_outputs(cfg, (1, 1, 1), ids, mask, tt, load=False, num_labels=3)
     export_hf(cfg.model, params, tmp_path / "hf", task=task, pooling=cfg.task.pooling)
     model = getattr(transformers, auto).from_pretrained(tmp_path / "hf", attn_implementation="eager").eval()
@@ -247,6 +267,9 @@ def test_export_round_trip(case, tmp_path):
     original = dict(params.flat_state())
     assert loaded, "nothing re-imported"
     for path, arr in loaded.items():
+        if path == ("backbone", "embed", "types") and path not in original:
+            assert not np.asarray(arr).any()  # the zero row written for a type-less model
+            continue
         np.testing.assert_array_equal(np.asarray(arr), np.asarray(original[path][...]), err_msg=str(path))
 
 

@@ -307,8 +307,6 @@ def export_hf(m: ModelConfig, flat: dict, out_dir, tokenizer_dir=None, *, task: 
     if arch is None:
         arch = T.BASE_ARCH[m.family]
     prefix = "" if arch == T.BASE_ARCH[m.family] else T.PREFIXES[m.family]
-    if m.family == "roberta" and task in ("classification", "regression", "multilabel"):
-        prefix = "roberta."
     dims = {"H": m.heads, "KV": m.num_kv_heads}
     table = T.rules(m.family, task)
     tensors, fused = {}, {}
@@ -326,6 +324,9 @@ def export_hf(m: ModelConfig, flat: dict, out_dir, tokenizer_dir=None, *, task: 
                 tensors[key] = np.ascontiguousarray(y)
             else:
                 fused.setdefault(key, {})[chunk.k] = (chunk, y)
+    if m.family in ("bert", "roberta") and ("backbone", "embed", "types") not in flat:
+        # transformers always adds token_type_embeddings[0]: zeros keep a type-less model exact.
+        tensors[prefix + "embeddings.token_type_embeddings.weight"] = np.zeros((1, m.hidden), np.float32)
     for key, parts in fused.items():
         chunk = parts[0][0]
         if len(parts) != chunk.n:
