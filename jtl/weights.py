@@ -84,7 +84,8 @@ def source_fields(init_from: str) -> dict:
         return H.model_fields_from_hf(raw, str(f))
     if kind == "gguf":
         meta, reader = gguf_metadata(p)
-        meta["_has_output"] = any(t.name == "output.weight" for t in reader.tensors)
+        names = {t.name for t in reader.tensors}
+        meta["_has_output"], meta["_has_rope_freqs"] = "output.weight" in names, "rope_freqs.weight" in names
         return H.model_fields_from_gguf(meta, str(p))
     raw = yaml.safe_load((p / "config.yaml").read_text()) or {}
     model = raw.get("model") or {}

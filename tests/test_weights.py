@@ -396,6 +396,59 @@ def test_gguf_llama_permutation_round_trip():
     np.testing.assert_array_equal(unpermute_rope(permuted, heads), w)
 
 
+def test_gguf_tiny_llama_matches_transformers(saved, tmp_path):
+    """A GGUF written the llama.cpp way (q/k rows permuted, F32/F16/Q8_0 tensors) loads with
+    HF-equal logits: checks metadata, name mapping, unpermutation and dequantization."""
+    gguf = pytest.importorskip("gguf")
+    _, model = saved["llama_gqa_untied"]
+    sd = {k: v.detach().numpy() for k, v in model.state_dict().items()}
+    permute = lambda w, n: w.reshape(n, 2, w.shape[0] // n // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight": "output_norm.weight",
+             "lm_head.weight": "output.weight"}
+    parts = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
+             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm",
+             "post_attention_layernorm": "ffn_norm"}
+    path = tmp_path / "tiny.gguf"
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_block_count(2)
+    w.add_embedding_length(32)
+    w.add_feed_forward_length(48)
+    w.add_head_count(4)
+    w.add_head_count_kv(2)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_freq_base(500.0)
+    w.add_context_length(64)
+    w.add_vocab_size(V)
+    for key, x in sd.items():
+        if key.startswith("model.layers."):
+            i, rest = key.split(".")[2], ".".join(key.split(".")[3:-1])
+            name = f"blk.{i}.{parts[rest]}.weight"
+            x = permute(x, 4) if rest == "self_attn.q_proj" else permute(x, 2) if rest == "self_attn.k_proj" else x
+        else:
+            name = names[key]
+        if name.endswith("ffn_up.weight"):  # one quantized tensor: what the model then holds
+            q = gguf.quants.quantize(x, gguf.GGMLQuantizationType.Q8_0)
+            sd[key] = gguf.quants.dequantize(q, gguf.GGMLQuantizationType.Q8_0).reshape(x.shape)
+            w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            w.add_tensor(name, x.astype(np.float16) if name.endswith("ffn_gate.weight") else x)
+            if name.endswith("ffn_gate.weight"):
+                sd[key] = x.astype(np.float16).astype(np.float32)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    ref_model = hf_model("llama", tied=False)
+    ref_model.load_state_dict({k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()})
+    ids, mask, _ = batch_arrays(seed=3)
+    _, ref = torch_outputs(ref_model, ids, mask)
+    cfg = resolve_config(jtl_config("clm", path))
+    assert (cfg.model.kv_heads, cfg.model.rope_theta, cfg.model.tie_embeddings) == (2, 500.0, False)
+    _, out, _ = jtl_outputs(cfg, (2, 2, 2), ids, mask)
+    assert maxdiff(out, ref, mask) < TOL
+
+
 # ------------------------------------------------------------------ real weights (opt-in)
 
 

@@ -75,8 +75,8 @@ def model_fields_from_hf(hf: dict, where: str) -> dict:
                    head_dim=get("head_dim", default=hidden // heads),
                    rope_theta=float(rope.get("rope_theta", hf.get("rope_theta", 10000.0))),
                    pad_id=get("pad_token_id", "eos_token_id", default=0), position_offset=0)
-        if isinstance(out["pad_id"], list):
-            out["pad_id"] = out["pad_id"][0]
+    if isinstance(out["pad_id"], list):  # eos_token_id may list several ids
+        out["pad_id"] = out["pad_id"][0]
     missing = [k for k, v in out.items() if v is None and k not in ("kv_heads", "head_dim")]
     if missing:
         raise WeightsError(f"{where}: missing fields for {', '.join(missing)}")
@@ -88,6 +88,13 @@ def model_fields_from_gguf(meta: dict, where: str) -> dict:
     if arch != "llama":
         raise WeightsError(f"{where}: GGUF architecture {arch!r} is not supported (only 'llama')")
     g = lambda k, default=None: meta.get(f"llama.{k}", default)
+    need = [f"llama.{k}" for k in ("attention.head_count", "embedding_length", "block_count",
+                                   "feed_forward_length") if g(k) is None]
+    if need:
+        raise WeightsError(f"{where}: GGUF metadata lacks {', '.join(need)}")
+    if g("rope.scaling.type", "none") not in ("none", None) or meta.get("_has_rope_freqs"):
+        raise WeightsError(f"{where}: RoPE scaling ({g('rope.scaling.type', 'rope_freqs')}) is not "
+                           f"supported (only plain RoPE)")
     heads = int(g("attention.head_count"))
     hidden = int(g("embedding_length"))
     vocab = g("vocab_size") or meta.get("tokenizer.ggml.tokens.count")
@@ -95,7 +102,7 @@ def model_fields_from_gguf(meta: dict, where: str) -> dict:
                 heads=heads, kv_heads=int(g("attention.head_count_kv", heads)),
                 head_dim=int(g("attention.key_length", hidden // heads)), mlp=int(g("feed_forward_length")),
                 max_len=int(g("context_length", 2048)), type_vocab=0, activation="silu",
-                norm_eps=float(g("attention.layer_norm_rms_epsilon", 1e-5)),
+                norm_eps=float(f"{g('attention.layer_norm_rms_epsilon', 1e-5):.6g}"),  # f32 in the file
                 rope_theta=float(g("rope.freq_base", 10000.0)), tie_embeddings=meta.get("_has_output") is False,
                 pad_id=int(meta.get("tokenizer.ggml.padding_token_id", meta.get("tokenizer.ggml.eos_token_id", 0))),
                 position_offset=0)
