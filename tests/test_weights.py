@@ -232,6 +232,8 @@ EXPORT_CASES = {  # name: (model fields, task, transformers auto class)
                           "AutoModelForMaskedLM"),
     "roberta_mlm": (dict(family="roberta", type_vocab=1, pad_id=1, position_offset=2), "mlm",
                     "AutoModelForMaskedLM"),
+    "roberta_cls": (dict(family="roberta", type_vocab=1, pad_id=1, position_offset=2), "classification",
+                    "AutoModelForSequenceClassification"),
     "gpt2": (dict(family="gpt2", activation="gelu_tanh", type_vocab=0, norm_eps=1e-5), "clm",
              "AutoModelForCausalLM"),
     "llama": (dict(family="llama", kv_heads=2, activation="silu", tie_embeddings=False,

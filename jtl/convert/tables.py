@@ -19,14 +19,10 @@ A tuple of keys lists alternatives (the first present is read, the first is writ
 """
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 
 import numpy as np
-
-Region = list  # [(start, stop)] per axis
-
 
 @dataclass(frozen=True)
 class Chunk:
@@ -277,7 +273,3 @@ def invert(y: np.ndarray, ops, dims):
             return op, y
         y = op.invert(y, dims)
     return None, y
-
-
-def nbytes(shape, dtype) -> int:
-    return math.prod(shape) * np.dtype(dtype).itemsize
