@@ -72,6 +72,17 @@ def _eval_batch_size(cfg: Config, mesh) -> int:
     return max(per, b // per * per)
 
 
+def to_device(mesh, host: dict) -> dict:
+    """A global batch (same on every host: the batch plan is deterministic) -> sharded arrays;
+    each process contributes its contiguous slice of rows."""
+    pc = jax.process_count()
+    if pc > 1:
+        n = len(host["example_weights"]) // pc
+        pi = jax.process_index()
+        host = {k: v[pi * n:(pi + 1) * n] for k, v in host.items()}
+    return S.global_batch(mesh, host)
+
+
 # ---------------------------------------------------------------- inference
 
 
@@ -84,7 +95,11 @@ def run_model(setup: Setup, enc: T.Encoded, batch_size: int) -> tuple[np.ndarray
     loss_sum = count = 0.0
     for idx, width in T.eval_plan(enc, setup.cfg.data, batch_size):
         batch = T.take(enc, idx, width, batch_size)
-        out = jax.device_get(setup.eval_step(setup.state, S.global_batch(setup.mesh, batch)))
+        out = setup.eval_step(setup.state, to_device(setup.mesh, batch))
+        if jax.process_count() > 1:  # logits are sharded over hosts: gather them everywhere
+            from jax.experimental import multihost_utils
+            out = multihost_utils.process_allgather(out, tiled=True)
+        out = jax.device_get(out)
         logits = np.asarray(out["logits"], np.float32)[:len(idx)]
         if out_logits is None:
             shape = (len(enc),) + ((enc.arrays["input_ids"].shape[1],) if logits.ndim == 3 else ()) + \
@@ -285,7 +300,7 @@ def finetune(cfg: Config, load_params=None) -> dict:
         padded = host["segment_ids"].size
         real_total += real
         padded_total += padded
-        state, m = setup.train_step(state, S.global_batch(mesh, host))
+        state, m = setup.train_step(state, to_device(mesh, host))
         logger.push(step, m, real, padded)
         is_eval = step == total or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
         if not is_eval:

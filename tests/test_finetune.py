@@ -89,8 +89,8 @@ def test_eval_counts_every_example_once_on_8_devices(tmp_path):
     import jax
     assert jax.device_count() == 8
     from jtl.finetune import evaluate_run
-    cfg, summary = run(tmp_path, "count", ["task.kind=classification", "train.steps=2",
-                                           "train.eval_batch_size=8"],
+    cfg, summary = run(tmp_path, "count", ["task.kind=classification", "train.steps=1",
+                                           "train.eval_batch_size=8", "data.buckets=[32]"],
                        cls_rows(64, 0), cls_rows(37, 1))
     ev = evaluate_run(str(cfg.out_dir), None, [], split="validation")
     assert ev["n"] == 37
@@ -126,7 +126,7 @@ def test_pair_classification_uses_token_types(tmp_path):
             out.append({"s1": a, "s2": b, "label": where})
         return out
     _, summary = run(tmp_path, "pair", ["task.kind=classification", "data.text_field=s1",
-                                        "data.text_pair_field=s2", "train.steps=150",
+                                        "data.text_pair_field=s2", "train.steps=150", "data.buckets=[32]",
                                         "task.metric=f1"], rows(400), rows(48))
     assert summary["final"]["validation"]["accuracy"] >= 0.95, summary
     assert "f1" in summary["final"]["validation"] and "mcc" in summary["final"]["validation"]
@@ -144,7 +144,7 @@ def test_regression(tmp_path):
             out.append({"text": " ".join(s), "label": float(k)})
         return out
     _, summary = run(tmp_path, "reg", ["task.kind=regression", "task.pooling=mean",
-                                       "train.steps=200"], rows(400), rows(40))
+                                       "train.steps=200", "data.buckets=[32]"], rows(400), rows(40))
     assert summary["final"]["validation"]["pearson"] >= 0.95, summary
 
 
@@ -161,8 +161,8 @@ def test_multilabel(tmp_path):
                     labels.append(name)
             out.append({"text": " ".join(s), "label": labels})
         return out
-    _, summary = run(tmp_path, "ml", ["task.kind=multilabel", "train.steps=200", "task.pooling=mean", "data.labels=a,b"],
-                     rows(400), rows(40))
+    _, summary = run(tmp_path, "ml", ["task.kind=multilabel", "train.steps=200", "task.pooling=mean",
+                                      "data.buckets=[32]", "data.labels=a,b"], rows(400), rows(40))
     assert summary["final"]["validation"]["micro_f1"] >= 0.95, summary
 
 
@@ -189,7 +189,7 @@ def test_token_classification_with_int_tags(tmp_path):
         r["ner_tags"] = [names.index(t) for t in r["ner_tags"]]
     cfg, summary = run(tmp_path, "ner", ["task.kind=token_classification", "data.text_field=tokens",
                                          "data.label_field=ner_tags", f"data.labels={','.join(names)}",
-                                         "train.steps=150"], tr, va)
+                                         "train.steps=150", "data.buckets=[32]"], tr, va)
     assert summary["final"]["validation"]["entity_f1"] >= 0.95, summary
     from jtl.finetune import predict_file
     out = tmp_path / "ner_pred.jsonl"
@@ -217,7 +217,8 @@ def qa_rows(n, seed):
 def test_qa_long_contexts_use_windows(tmp_path):
     _, summary = run(tmp_path, "qa", ["task.kind=qa", "data.text_field=question",
                                       "data.text_pair_field=context", "data.label_field=answers",
-                                      "data.seq_len=16", "data.doc_stride=4", "train.steps=200"],
+                                      "data.seq_len=16", "data.doc_stride=4", "train.steps=200",
+                                      "data.buckets=[16]"],
                      qa_rows(300, 0), qa_rows(40, 1))
     val = summary["final"]["validation"]
     assert summary["truncated"]["train"] > 0  # some contexts needed several windows
