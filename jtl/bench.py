@@ -252,6 +252,7 @@ def analyze(cfg, mesh, *, platform: str = "cpu") -> dict:
     ``AbstractMesh`` bigger than this machine (compiled for analysis only)."""
     import jax
     from jtl import sharding as S
+    from jtl.metrics import train_flops_per_step
     from jtl.train import abstract_state, jit_train_step
     S.check_model_fits(cfg.model, mesh)
     S.check_batch_fits(cfg.train.batch_size, cfg.train.microbatches, mesh)
@@ -285,6 +286,9 @@ def analyze(cfg, mesh, *, platform: str = "cpu") -> dict:
         "param_bytes_per_device": params_b, "opt_bytes_per_device": opt_b,
         "state_bytes_per_device": params_b + opt_b, "state_bytes_total": total_params_b + total_opt_b,
         "memory": memory(compiled), "hlo_flops_per_device": hlo_flops(compiled),
+        "model_flops_per_device": train_flops_per_step(
+            cfg.model, cfg.train.batch_size, cfg.data.seq_len, cfg.task.kind, spec.max_predictions) / mesh.size,
+        "scan_layers": cfg.model.scan_layers,
         "global_flops": hlo_flops(lowered), "collectives": coll,
         "collective_bytes": sum(c["operand_bytes"] for c in coll.values()),
         "analysis_s": t1 - t0,
@@ -365,9 +369,12 @@ def scaling_table(results: list[dict]) -> str:
         rows.append([r.get("strategy", "-"), r["devices"], f"{m['data']}x{m['fsdp']}x{m['tensor']}",
                      _fmt_bytes(r["param_bytes_per_device"]), _fmt_bytes(r["opt_bytes_per_device"]),
                      _fmt_bytes(r["memory"].get("temp")), _fmt_bytes(r["memory"].get("peak_estimate")),
-                     f"{(r['hlo_flops_per_device'] or 0) / 1e9:.2f}", coll])
+                     f"{(r['hlo_flops_per_device'] or 0) / 1e9:.2f}"
+                     + (" (scan body once)" if r.get("scan_layers") else ""),
+                     f"{r['model_flops_per_device'] / 1e9:.2f}", coll])
     return md_table(["strategy", "devices", "data x fsdp x tensor", "params/device", "optimizer/device",
-                     "temp/device", "XLA peak/device", "GFLOPs/device", "collectives (count/operand bytes)"],
+                     "temp/device", "XLA peak/device", "HLO GFLOPs/device",
+                     "model GFLOPs/device", "collectives (count/operand bytes)"],
                     rows)
 
 

@@ -104,6 +104,15 @@ def attention(q_BSHD, k_BSKD, v_BSKD, mask_B1SS, *, dropout_rate=0.0, rng=None):
     """Softmax attention with grouped-query support (H query heads share K kv heads)."""
     b, s, h, d = q_BSHD.shape
     kv = k_BSKD.shape[2]
+    if kv == h:
+        # Plain multi-head attention without the size-1 group axis: same math,
+        # but XLA:CPU then copies/transposes q, k, v and probs less (MiniLM
+        # train step: 0.7 GiB fewer copy bytes, -4.5% bytes accessed).
+        logits = jnp.einsum("bqhd,bthd->bhqt", q_BSHD, k_BSKD) / math.sqrt(d)
+        logits = jnp.where(mask_B1SS, logits.astype(jnp.float32), NEG_INF)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKD.dtype)
+        probs = dropout(probs, dropout_rate, rng)
+        return jnp.einsum("bhqt,bthd->bqhd", probs, v_BSKD)
     q = q_BSHD.reshape(b, s, kv, h // kv, d)
     logits = jnp.einsum("bqkgd,btkd->bkgqt", q, k_BSKD) / math.sqrt(d)
     logits = jnp.where(mask_B1SS[:, :, None], logits.astype(jnp.float32), NEG_INF)
