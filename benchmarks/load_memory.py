@@ -5,7 +5,7 @@
 Writes a random BERT-base checkpoint (safetensors, ~440 MB) to a temp dir in a
 child process, then, for each method in a fresh child process, builds the
 abstract sharded model and loads the checkpoint into it while a thread samples
-RSS (psutil) every 5 ms; ``ru_maxrss`` gives the kernel's own peak. On CPU the
+RSS (psutil or /proc) every 5 ms; ``ru_maxrss`` gives the kernel's own peak. On CPU the
 "devices" live in host memory, so the loaded arrays themselves are ~1x the
 checkpoint: a loader that streams adds little on top of that, one that reads
 the whole file first needs ~2x.
@@ -60,6 +60,16 @@ def write_checkpoint(folder: Path) -> None:
     (folder / "config.json").write_text(json.dumps(BERT_BASE))
 
 
+def rss() -> int:
+    """Resident set size now (psutil when installed, else Linux /proc)."""
+    try:
+        import psutil
+        return psutil.Process().memory_info().rss
+    except ImportError:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
 class SafeOpenSource:
     """The same slicing loader over ``safe_open(...).get_slice`` (memory-mapped file)."""
 
@@ -85,15 +95,12 @@ def measure(folder: Path, method: str, mesh_shape: tuple) -> dict:
     import resource
     import threading
 
-    import psutil
-
-    proc = psutil.Process()
     peak = [0]
     stop = threading.Event()
 
     def sample():
         while not stop.is_set():
-            peak[0] = max(peak[0], proc.memory_info().rss)
+            peak[0] = max(peak[0], rss())
             time.sleep(0.005)
 
     import jax
@@ -108,7 +115,7 @@ def measure(folder: Path, method: str, mesh_shape: tuple) -> dict:
     mesh = S.make_mesh(mesh_shape)
     _, abstract, _, _ = train.abstract_state(cfg, TaskSpec(num_labels=2), mesh, 10)
     params = abstract[0]
-    base = proc.memory_info().rss
+    base = rss()
     t = threading.Thread(target=sample, daemon=True)
     t.start()
     t0 = time.perf_counter()
@@ -141,7 +148,7 @@ def measure(folder: Path, method: str, mesh_shape: tuple) -> dict:
     seconds = time.perf_counter() - t0
     stop.set()
     t.join()
-    after = proc.memory_info().rss
+    after = rss()
     ckpt = (folder / "model.safetensors").stat().st_size
     held = sum(sum(s.data.nbytes for s in a.addressable_shards) for a in loaded.values())
     return dict(method=method, mesh=list(mesh_shape), checkpoint_mb=ckpt / 2**20,
@@ -149,6 +156,7 @@ def measure(folder: Path, method: str, mesh_shape: tuple) -> dict:
                 peak_rss_mb=max(peak[0], after) / 2**20, rss_after_mb=after / 2**20,
                 ru_maxrss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**10,
                 peak_increase_over_checkpoint=(max(peak[0], after) - base) / ckpt,
+                host_overhead_mb=(max(peak[0], after) - base - held) / 2**20,
                 load_seconds=seconds)
 
 
@@ -177,9 +185,11 @@ def main(argv=None) -> int:
             print(f"{method:6s} mesh {args.mesh}: checkpoint {res['checkpoint_mb']:.0f} MB, "
                   f"RSS before {res['rss_before_mb']:.0f} MB, peak {res['peak_rss_mb']:.0f} MB "
                   f"(+{res['peak_increase_over_checkpoint']:.2f}x checkpoint), after "
-                  f"{res['rss_after_mb']:.0f} MB, device arrays {res['device_arrays_mb']:.0f} MB, "
+                  f"{res['rss_after_mb']:.0f} MB, device arrays {res['device_arrays_mb']:.0f} MB "
+                  f"(peak - before - arrays = {res['host_overhead_mb']:.0f} MB), "
                   f"ru_maxrss {res['ru_maxrss_mb']:.0f} MB, {res['load_seconds']:.1f} s")
             if args.out:
+                Path(args.out).parent.mkdir(parents=True, exist_ok=True)
                 with open(args.out, "a") as f:
                     f.write(line + "\n")
     return 0
