@@ -49,7 +49,8 @@ def _kind(path: Path) -> str:
     if path.is_dir():
         raise WeightsError(f"model.init_from={str(path)!r}: folder has neither config.json (Hugging "
                            f"Face) nor checkpoints/ + config.yaml (jtl run)")
-    raise WeightsError(f"model.init_from={str(path)!r}: not a .gguf file")
+    raise WeightsError(f"model.init_from={str(path)!r}: expected a folder, a .safetensors or a .gguf "
+                       f"file (pickled .bin/.pt/.ckpt checkpoints are never read)")
 
 
 @functools.lru_cache(maxsize=8)
@@ -133,7 +134,8 @@ def params_loader(cfg: Config):
 
 
 def load_hf_tokenizer_dir(init_from: str | None) -> str | None:
-    """Folder holding the tokenizer of ``init_from``, or None (GGUF, no tokenizer files)."""
+    """Folder holding the tokenizer of ``init_from`` (a GGUF's embedded tokenizer is converted
+    once into a cache folder, ``$JTL_CACHE`` or ~/.cache/jtl), or None when there is none."""
     if not init_from:
         return None
     p = local_path(init_from)
