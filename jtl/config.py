@@ -299,10 +299,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError("model.dropout and model.attention_dropout must be in [0, 1)")
     if not 0.0 < d.mask_prob < 1.0:
         raise ConfigError(f"data.mask_prob must be in (0, 1), got {d.mask_prob}")
-    if cfg.task.kind == "mlm" and m.causal:
+    if m.init_from:  # the family comes from the pretrained source (jtl.weights.resolve_config)
+        pass
+    elif cfg.task.kind == "mlm" and m.causal:
         raise ConfigError(f"task.kind='mlm' needs an encoder family (bert, roberta); "
                           f"model.family={m.family!r} is causal: use task.kind='clm'")
-    if cfg.task.kind == "clm" and not m.causal:
+    elif cfg.task.kind == "clm" and not m.causal:
         raise ConfigError(f"task.kind='clm' needs a decoder family (gpt2, llama), "
                           f"got model.family={m.family!r}")
     for key, size in (("mesh.data", cfg.mesh.data), ("mesh.fsdp", cfg.mesh.fsdp),

@@ -28,8 +28,10 @@ log = logging.getLogger("jtl")
 
 def get_tokenizer(cfg: Config, texts: list[str] | None, out_dir: Path):
     """Configured tokenizer, the init_from model's, the run's own, or a newly trained one."""
-    source = cfg.data.tokenizer or (cfg.model.init_from if cfg.model.init_from and
-                                    not str(cfg.model.init_from).endswith(".gguf") else None)
+    source = cfg.data.tokenizer or cfg.model.init_from
+    if source and str(source).endswith(".gguf"):  # the tokenizer embedded in the GGUF file
+        from jtl.weights import load_hf_tokenizer_dir
+        source = load_hf_tokenizer_dir(str(source))
     if source and (Path(source) / "checkpoints").is_dir():  # a jtl run: use its tokenizer
         source = str(Path(source) / "tokenizer")
     if source:

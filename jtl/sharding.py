@@ -106,7 +106,7 @@ def batch_divisor(mesh: Mesh) -> int:
 def check_model_fits(model_cfg, mesh: Mesh) -> None:
     t = mesh.shape["tensor"]
     for key, v in (("model.heads", model_cfg.heads), ("model.kv_heads", model_cfg.num_kv_heads),
-                   ("model.mlp", model_cfg.mlp)):
+                   ("model.mlp", model_cfg.mlp), ("model.vocab_size", model_cfg.vocab_size)):
         if v % t:
             raise ConfigError(f"{key}={v} is not divisible by mesh.tensor={t}")
     f = mesh.shape["fsdp"]
