@@ -144,6 +144,9 @@ def pretrain(cfg: Config, load_params=None, on_step=None) -> dict:
     kind = cfg.task.kind
     if not cfg.data.train:
         raise ConfigError("data.train is required (file, folder, glob or HF dataset name)")
+    if (kind == "mlm") == cfg.model.causal:  # init_from decides the family after validation
+        raise ConfigError(f"task.kind={kind!r} does not fit model.family={cfg.model.family!r} "
+                          f"(mlm needs bert/roberta, clm needs gpt2/llama)")
     mesh = S.make_mesh(cfg.mesh)
     S.check_model_fits(cfg.model, mesh)
     S.check_batch_fits(cfg.train.batch_size, cfg.train.microbatches, mesh)
