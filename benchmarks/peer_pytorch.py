@@ -126,7 +126,8 @@ def timed(fn, n: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def compare(preset: str, batch: int, seq: int, rounds: int, steps: int, full_head: bool, peak: float) -> dict:
+def compare(preset: str, batch: int, seq: int, rounds: int, steps: int, full_head: bool, peak: float,
+            warmup: int = 2) -> dict:
     cfg = bench.bench_config(preset, batch, seq, "float32")
     mesh = S.make_mesh((1, 1, 1))
     spec = bench.task_spec(cfg)
@@ -144,8 +145,8 @@ def compare(preset: str, batch: int, seq: int, rounds: int, steps: int, full_hea
         jax.block_until_ready((state["s"], m))
 
     side = TorchSide(cfg, host, full_head)
-    jtl_step(), side.step()  # warm-up (first calls allocate)
-    jtl_step(), side.step()
+    for _ in range(warmup):  # first calls allocate
+        jtl_step(), side.step()
     tokens = batch * seq
     per_round = []
     for r in range(rounds):
@@ -181,6 +182,7 @@ def main(argv=None) -> int:
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per side before the rounds")
     p.add_argument("--torch-full-head", action="store_true")
     p.add_argument("--out", default="runs/bench/peer")
     p.add_argument("--note", default="", help="what else was running (recorded in the report)")
@@ -192,7 +194,14 @@ def main(argv=None) -> int:
     results = []
     for item in args.presets.split(","):
         name, _, b = item.partition(":")
-        results.append(compare(name, int(b or 32), args.seq, args.rounds, args.steps, args.torch_full_head, peak))
+        results.append(compare(name, int(b or 32), args.seq, args.rounds, args.steps, args.torch_full_head,
+                               peak, args.warmup))
+        write(args, results, jp, tp)  # after each preset, so a long run keeps what it finished
+    return 0
+
+
+def write(args, results, jp, tp):
+    peak = max(jp, tp)
     import transformers
     rows = [[r["preset"], r["batch"], r["seq"], r["torch_head"], f"{r['jtl_tokens_per_s']:.0f}",
              f"{r['torch_tokens_per_s']:.0f}",
@@ -217,8 +226,7 @@ def main(argv=None) -> int:
         f"torch {tp / 1e9:.1f} GFLOP/s (MFU uses the larger). Running alongside: {args.note or 'not recorded'}."
         f"\n\nMachine:\n{mach}\n")
     plot(results, out / "peer_pytorch.png")
-    print(table)
-    return 0
+    print(table, flush=True)
 
 
 def plot(results, path):

@@ -482,7 +482,7 @@ def run_scaling(args) -> list[dict]:
             print(f"[bench] scaling {strat} {shape}", file=sys.stderr, flush=True)
             try:
                 r = analyze(cfg0, mesh)
-            except ConfigError as e:  # e.g. heads not divisible by the tensor axis
+            except (ConfigError, ValueError) as e:  # e.g. heads or vocab not divisible by tensor
                 print(f"[bench] skip {strat} {shape}: {e}", file=sys.stderr)
                 continue
             r["strategy"] = strat
