@@ -30,18 +30,17 @@ Reading the numbers
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
-import platform
 import re
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+
+from jtl.bench_report import fmt_bytes, machine, md_table, write_report  # noqa: F401 (re-exported)
 
 DEFAULT_PRESETS = ("minilm-l6", "bert-base")
 FULL_PRESETS = ("minilm-l6", "bert-base", "bert-large", "gpt2-small", "llama-1b")
@@ -306,134 +305,6 @@ def scaling_meshes(n: int) -> dict:
     return out
 
 
-# ---------------------------------------------------------------- reports
-
-
-def machine() -> dict:
-    import jax
-    info = {"platform": platform.platform(), "python": platform.python_version(),
-            "jax": jax.__version__, "devices": [str(d) for d in jax.devices()[:4]],
-            "device_count": jax.device_count(), "cpu_count": os.cpu_count(),
-            "xla_flags": os.environ.get("XLA_FLAGS", "")}
-    try:
-        import flax
-        info["flax"] = flax.__version__
-    except ImportError:
-        pass
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        for line in lscpu.splitlines():
-            key, _, val = line.partition(":")
-            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "L2 cache", "L3 cache"):
-                info["lscpu " + key.strip()] = val.strip()
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return info
-
-
-def _fmt_bytes(n) -> str:
-    if n is None:
-        return "-"
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-
-
-def md_table(headers: list[str], rows: list[list]) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
-    return "\n".join(lines)
-
-
-def throughput_table(results: list[dict]) -> str:
-    rows = []
-    for r in results:
-        mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "-"
-        rows.append([r["preset"], r["dtype"], r["batch"], r["seq"], f"{r['tokens_per_s']:.0f}",
-                     f"{r['examples_per_s']:.2f}",
-                     f"{r['step_s_median']:.3f} [{r['step_s_min']:.3f}-{r['step_s_max']:.3f}]",
-                     f"{r['compile_s']:.1f}", mfu, _fmt_bytes(r["memory"].get("peak_estimate")),
-                     _fmt_bytes(r.get("allocator_peak_bytes"))])
-    return md_table(["preset", "dtype", "batch", "seq", "tokens/s", "examples/s",
-                     "step s median [min-max]", "compile s", "MFU", "XLA peak mem", "allocator peak"], rows)
-
-
-def scaling_table(results: list[dict]) -> str:
-    rows = []
-    for r in results:
-        m = r["mesh"]
-        c = r["collectives"]
-        coll = ", ".join(f"{op} {v['count']}x/{_fmt_bytes(v['operand_bytes'])}"
-                         for op, v in c.items() if v["count"]) or "none"
-        rows.append([r.get("strategy", "-"), r["devices"], f"{m['data']}x{m['fsdp']}x{m['tensor']}",
-                     _fmt_bytes(r["param_bytes_per_device"]), _fmt_bytes(r["opt_bytes_per_device"]),
-                     _fmt_bytes(r["memory"].get("temp")), _fmt_bytes(r["memory"].get("peak_estimate")),
-                     f"{(r['hlo_flops_per_device'] or 0) / 1e9:.2f}"
-                     + (" (scan body once)" if r.get("scan_layers") else ""),
-                     f"{r['model_flops_per_device'] / 1e9:.2f}", coll])
-    return md_table(["strategy", "devices", "data x fsdp x tensor", "params/device", "optimizer/device",
-                     "temp/device", "XLA peak/device", "HLO GFLOPs/device",
-                     "model GFLOPs/device", "collectives (count/operand bytes)"],
-                    rows)
-
-
-def plot_throughput(results: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.5))
-    labels = [f"{r['preset']}\n{r['dtype']} b{r['batch']} s{r['seq']}" for r in results]
-    x = np.arange(len(results))
-    axes[0].bar(x, [r["tokens_per_s"] for r in results], color="tab:blue")
-    axes[0].set_ylabel("tokens / s")
-    axes[1].bar(x, [100 * (r["mfu"] or 0) for r in results], color="tab:orange")
-    axes[1].set_ylabel("MFU %")
-    for ax in axes:
-        ax.set_xticks(x, labels, rotation=45, ha="right", fontsize=7)
-    fig.suptitle("jtl train step throughput")
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def plot_scaling(results: list[dict], path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
-    for strat in sorted({r["strategy"] for r in results}):
-        rs = sorted((r for r in results if r["strategy"] == strat), key=lambda r: r["devices"])
-        n = [r["devices"] for r in rs]
-        axes[0].plot(n, [r["state_bytes_per_device"] / 2 ** 20 for r in rs], "o-", label=strat)
-        axes[1].plot(n, [r["memory"].get("temp", 0) / 2 ** 20 for r in rs], "o-", label=strat)
-        axes[2].plot(n, [r["collective_bytes"] / 2 ** 20 for r in rs], "o-", label=strat)
-    for ax, title in zip(axes, ("params + optimizer MiB / device", "temp (activations) MiB / device",
-                                "collective operand MiB / device / step")):
-        ax.set_title(title)
-        ax.set_xlabel("devices")
-        ax.set_xscale("log", base=2)
-        ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def write_report(out: Path, kind: str, results: list[dict], extra: dict | None = None,
-                 notes: str = "") -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    doc = {"kind": kind, "machine": machine(), "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-           "command": " ".join(sys.argv), "results": results, **(extra or {})}
-    (out / f"{kind}.json").write_text(json.dumps(doc, indent=1, default=str))
-    table = throughput_table(results) if kind == "throughput" else scaling_table(results)
-    mach = "\n".join(f"- {k}: {v}" for k, v in doc["machine"].items())
-    (out / f"{kind}.md").write_text(f"# jtl bench {kind}\n\n`{doc['command']}` at {doc['time_utc']}\n\n"
-                                    f"{table}\n\n{notes}\n\nMachine:\n{mach}\n")
-    if results:
-        (plot_throughput if kind == "throughput" else plot_scaling)(results, out / f"{kind}.png")
-    print(table)
-
-
 # ---------------------------------------------------------------- CLI
 
 
@@ -491,7 +362,7 @@ def run_scaling(args) -> list[dict]:
     write_report(Path(args.out), "scaling", results, {"checks": checks},
                  notes="FSDP check (params+optimizer per device <= total/N + 5%): " +
                  "; ".join(f"{c['devices']} devices {'ok' if c['ok'] else 'FAILED'} "
-                           f"({_fmt_bytes(c['per_device'])} vs {_fmt_bytes(c['bound'])})" for c in checks))
+                           f"({fmt_bytes(c['per_device'])} vs {fmt_bytes(c['bound'])})" for c in checks))
     return results
 
 
