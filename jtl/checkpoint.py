@@ -150,6 +150,9 @@ def wait(mngr: ocp.CheckpointManager) -> None:
 def _save_error(mngr, step, e) -> CheckpointError:
     ckdir = Path(mngr.directory)
     good = valid_steps(ckdir, warn=False)
+    if step is None:  # a failed async save: its step is the name of the unfinished tmp dir
+        pending = [p.name.split(".")[0] for p in ckdir.glob("*.orbax-checkpoint-tmp*")]
+        step = max((int(p) for p in pending if p.isdigit()), default=None)
     what = f"step {step}" if step is not None else "a checkpoint"
     return CheckpointError(
         f"saving {what} to {ckdir} failed: {type(e).__name__}: {e} (disk full or not writable?). "

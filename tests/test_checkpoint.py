@@ -128,6 +128,7 @@ def test_restore_onto_other_meshes(reference):
     """Saved on data=8; restored onto fsdp=4 x tensor=2, 2x2x2 and one device."""
     cfg = make_cfg(reference)
     want = load(reference, cfg)[0]
+    assert load(reference / "checkpoints" / "8", cfg)[2] == 8  # resume_from=<step dir>
     for shape, devices in [((1, 4, 2), None), ((2, 2, 2), None), ((1, 1, 1), jax.devices()[:1])]:
         mesh = S.make_mesh(shape, devices)
         state, _, step, _ = load(reference, cfg, mesh=mesh)
@@ -208,7 +209,7 @@ def test_failing_write_loses_nothing(reference, tmp_path):
     old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
     resource.setrlimit(resource.RLIMIT_FSIZE, (2048, hard))
     try:
-        with pytest.raises(ckpt.CheckpointError, match=r"failed.*latest is step 1"):
+        with pytest.raises(ckpt.CheckpointError, match=r"saving step 2 .*failed.*latest is step 1"):
             ckpt.save(mngr, 2, state, cfg.to_dict(), data)
             ckpt.wait(mngr)
     finally:
