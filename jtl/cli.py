@@ -106,10 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     _setup_logging(not args.quiet)
     from jtl.config import ConfigError
+    from jtl.checkpoint import CheckpointError
     from jtl.data.sources import DataError
     try:
         return args.fn(args)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError, CheckpointError) as e:
         print(f"jtl: error: {e}", file=sys.stderr)
         return 2
 
