@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"jtl: error: {e}", file=sys.stderr)
         return 2
+    except FloatingPointError as e:  # train.nan_policy=stop
+        print(f"jtl: stopped: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":
