@@ -94,19 +94,9 @@ def abstract_batch(cfg, mesh) -> dict:
 
 
 def measure_host_peak(n: int = 1536, repeats: int = 6) -> float:
-    """float32 matmul FLOP/s of this host through XLA, best of ``repeats`` (not cached)."""
-    import jax
-    import jax.numpy as jnp
-    a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32),
-                       jax.devices("cpu")[0])
-    f = jax.jit(lambda x: x @ x)
-    f(a).block_until_ready()
-    best = math.inf
-    for _ in range(repeats):
-        t = time.perf_counter()
-        f(a).block_until_ready()
-        best = min(best, time.perf_counter() - t)
-    return 2 * n ** 3 / best
+    """float32 matmul FLOP/s of this host through XLA, measured now (not cached)."""
+    from jtl.metrics import measure_matmul_peak
+    return measure_matmul_peak(n, repeats)
 
 
 def mesh_peak(mesh, host_peak: float | None) -> tuple[float, str]:

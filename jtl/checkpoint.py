@@ -343,13 +343,8 @@ def all_finite(state) -> bool:
     return bool(_finite(_to_pure(state)))
 
 
-def restore_params(path: str | Path, abstract_params, step: int | None = None,
-                   prefix: tuple[str, ...] = ()) -> dict:
-    """Parameters from a jtl checkpoint that exist in ``abstract_params`` (an nnx.State of
-    ShapeDtypeStruct with shardings), restored straight into those shardings.
-
-    Returns {path tuple: array}. Only paths under ``prefix`` (e.g. ("backbone",)) are read.
-    """
+def _pick_step(path: str | Path, step: int | None) -> tuple[Path, int]:
+    """(checkpoints dir, step): the given or pinned step, else the newest complete one."""
     ckdir, pinned = locate(path)
     step = pinned if step is None else step
     if step is None:
@@ -357,6 +352,17 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None,
         if not good:
             raise CheckpointError(f"{ckdir}: no complete committed checkpoint")
         step = good[-1]
+    return ckdir, step
+
+
+def restore_params(path: str | Path, abstract_params, step: int | None = None,
+                   prefix: tuple[str, ...] = ()) -> dict:
+    """Parameters from a jtl checkpoint that exist in ``abstract_params`` (an nnx.State of
+    ShapeDtypeStruct with shardings), restored straight into those shardings.
+
+    Returns {path tuple: array}. Only paths under ``prefix`` (e.g. ("backbone",)) are read.
+    """
+    ckdir, step = _pick_step(path, step)
     mngr = _reader(ckdir, ocp.PyTreeCheckpointHandler())
     saved = mngr.item_metadata(step)["params"]
     saved_flat = {tuple(str(getattr(k, "key", k)) for k in p): v
@@ -400,13 +406,7 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None,
 
 
 def read_json_item(path: str | Path, item: str, step: int | None = None) -> dict:
-    ckdir, pinned = locate(path)
-    step = pinned if step is None else step
-    if step is None:
-        good = valid_steps(ckdir)
-        if not good:
-            raise CheckpointError(f"{ckdir}: no complete committed checkpoint")
-        step = good[-1]
+    ckdir, step = _pick_step(path, step)
     f = ckdir / str(step) / item / "metadata"
     if not f.exists():
         raise CheckpointError(f"{f}: missing")

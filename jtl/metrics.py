@@ -69,20 +69,26 @@ def device_kind() -> str:
 _CPU_PEAK: float | None = None
 
 
-def measure_cpu_peak(n: int = 1024, repeats: int = 8) -> float:
-    """float32 matmul FLOP/s of this host (all cores, one device), best of ``repeats``."""
+def measure_matmul_peak(n: int = 1024, repeats: int = 8, device=None) -> float:
+    """float32 matmul FLOP/s through XLA on one device (a CPU device = all host cores),
+    best of ``repeats``. Not cached: benchmarks call it in the same run they time."""
+    device = device or jax.devices("cpu")[0]
+    a = jax.device_put(jnp.asarray(np.random.default_rng(0).standard_normal((n, n)), jnp.float32), device)
+    f = jax.jit(lambda x: x @ x)
+    f(a).block_until_ready()
+    best = math.inf
+    for _ in range(repeats):
+        t = time.perf_counter()
+        f(a).block_until_ready()
+        best = min(best, time.perf_counter() - t)
+    return 2 * n ** 3 / best
+
+
+def measure_cpu_peak() -> float:
+    """The host's matmul peak, measured once per process (for training-time MFU)."""
     global _CPU_PEAK
     if _CPU_PEAK is None:
-        cpu = jax.devices("cpu")[0]
-        a = jax.device_put(jnp.ones((n, n), jnp.float32), cpu)
-        f = jax.jit(lambda x: x @ x)
-        f(a).block_until_ready()
-        best = math.inf
-        for _ in range(repeats):
-            t = time.perf_counter()
-            f(a).block_until_ready()
-            best = min(best, time.perf_counter() - t)
-        _CPU_PEAK = 2 * n ** 3 / best
+        _CPU_PEAK = measure_matmul_peak()
     return _CPU_PEAK
 
 
