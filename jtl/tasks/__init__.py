@@ -98,7 +98,8 @@ def loss_and_outputs(cfg: Config, spec: TaskSpec, model, batch: dict, rng):
     elif kind == "token_classification":
         tw = (batch["labels"] >= 0) * w[:, None]
         loss = _xent(logits, jnp.maximum(batch["labels"], 0), cfg.task.label_smoothing) * tw
-        return loss.sum(), tw.sum(), {"logits": logits}
+        correct = ((logits.argmax(-1) == batch["labels"]) * tw).sum()
+        return loss.sum(), tw.sum(), {"logits": logits, "correct": correct}
     elif kind == "qa":
         start, end = logits[..., 0], logits[..., 1]
         valid = batch["segment_ids"] > 0
@@ -107,4 +108,7 @@ def loss_and_outputs(cfg: Config, spec: TaskSpec, model, batch: dict, rng):
         loss = 0.5 * (_xent(start, batch["start_positions"]) + _xent(end, batch["end_positions"]))
     else:
         raise ValueError(f"unknown task.kind {kind!r}")
-    return (loss * w).sum(), w.sum(), {"logits": logits}
+    extra = {"logits": logits}
+    if kind == "classification":  # reported as the training accuracy
+        extra["correct"] = ((logits.argmax(-1) == batch["labels"]) * w).sum()
+    return (loss * w).sum(), w.sum(), extra
