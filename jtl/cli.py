@@ -103,6 +103,11 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="throughput/MFU/memory benchmarks (jtl bench --help)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["bench"]:  # the bench tool parses its own flags (incl. --help)
+        _setup_logging(True)
+        from jtl.bench import main as bench_main
+        return bench_main(argv[1:])
     args = parser.parse_args(argv)
     _setup_logging(not args.quiet)
     from jtl.config import ConfigError
