@@ -24,6 +24,7 @@ import numpy as np
 from jtl import checkpoint as ckpt
 from jtl import config as C
 from jtl import evaluation as E
+from jtl import preemption
 from jtl import sharding as S
 from jtl.config import Config, ConfigError
 from jtl.data import tasks as T
@@ -294,43 +295,52 @@ def finetune(cfg: Config, load_params=None) -> dict:
     t0 = time.perf_counter()
     state = setup.state
     step = start
-    for step in range(start + 1, total + 1):
-        host = next(it)
-        real = int(host["segment_ids"].sum())
-        padded = host["segment_ids"].size
-        real_total += real
-        padded_total += padded
-        state, m = setup.train_step(state, to_device(mesh, host))
-        logger.push(step, m, real, padded)
-        is_eval = step == total or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
-        if not is_eval:
-            continue
-        setup.state = state
-        t_eval = time.perf_counter()
-        if val is None:
-            ckpt.save(mngr, step, state, cfg.to_dict(), metrics={metric: 0.0} if cfg.checkpoint.keep_best
-                      else None, force=True)
-            best_step = step
+    with preemption.Guard() as guard:
+        for step in range(start + 1, total + 1):
+            host = next(it)
+            real = int(host["segment_ids"].sum())
+            padded = host["segment_ids"].size
+            real_total += real
+            padded_total += padded
+            state, m = setup.train_step(state, to_device(mesh, host))
+            logger.push(step, m, real, padded)
+            if guard.stop_requested(step) and step < total:  # SIGTERM: checkpoint this step, exit 75
+                ckpt.save(mngr, step, state, cfg.to_dict(), force=True)
+                ckpt.wait(mngr)
+                logger.flush()
+                mngr.close()
+                err = preemption.Preempted(step, str(out_dir / "checkpoints"))
+                log.warning("jtl: %s; exiting with code %d", err, preemption.EXIT_PREEMPTED)
+                raise err
+            is_eval = step == total or (cfg.train.eval_every and step % cfg.train.eval_every == 0)
+            if not is_eval:
+                continue
+            setup.state = state
+            t_eval = time.perf_counter()
+            if val is None:
+                ckpt.save(mngr, step, state, cfg.to_dict(), metrics={metric: 0.0} if cfg.checkpoint.keep_best
+                          else None, force=True)
+                best_step = step
+                eval_s += time.perf_counter() - t_eval
+                continue
+            ev = evaluate(setup, val, eval_bs)
+            writer.write(step, ev, "validation")
+            history.append({"step": step, **ev})
+            log.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in ev.items()
+                                                              if isinstance(v, float)))
+            improved = best is None or better(ev[metric], best)
+            if improved:
+                best, best_step, bad_evals = ev[metric], step, 0
+            else:
+                bad_evals += 1
+            if improved or not cfg.checkpoint.keep_best:
+                ckpt.save(mngr, step, state, cfg.to_dict(), metrics={metric: float(ev[metric])}, force=True)
             eval_s += time.perf_counter() - t_eval
-            continue
-        ev = evaluate(setup, val, eval_bs)
-        writer.write(step, ev, "validation")
-        history.append({"step": step, **ev})
-        log.info("step %d validation: %s", step, " ".join(f"{k}={v:.4f}" for k, v in ev.items()
-                                                          if isinstance(v, float)))
-        improved = best is None or better(ev[metric], best)
-        if improved:
-            best, best_step, bad_evals = ev[metric], step, 0
-        else:
-            bad_evals += 1
-        if improved or not cfg.checkpoint.keep_best:
-            ckpt.save(mngr, step, state, cfg.to_dict(), metrics={metric: float(ev[metric])}, force=True)
-        eval_s += time.perf_counter() - t_eval
-        if cfg.train.patience and bad_evals >= cfg.train.patience:
-            log.info("early stopping at step %d: no %s improvement in %d evaluations", step, metric,
-                     bad_evals)
-            stopped_early = True
-            break
+            if cfg.train.patience and bad_evals >= cfg.train.patience:
+                log.info("early stopping at step %d: no %s improvement in %d evaluations", step, metric,
+                         bad_evals)
+                stopped_early = True
+                break
     logger.flush()
     train_wall = time.perf_counter() - t0 - eval_s
     setup.state = state
