@@ -31,11 +31,12 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 from orbax.checkpoint import checkpoint_managers as cm
+
+from jtl.optim import tree_finite
 
 log = logging.getLogger("jtl")
 
@@ -331,11 +332,7 @@ def resume(path: str | Path, abstract_state, cfg_dict: dict, step: int | None = 
     raise CheckpointError("no checkpoint could be restored:\n  " + "\n  ".join(errors))
 
 
-@jax.jit
-def _finite(tree):
-    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-              if jnp.issubdtype(x.dtype, jnp.inexact)]
-    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+_finite = jax.jit(tree_finite)
 
 
 def all_finite(state) -> bool:

@@ -23,6 +23,13 @@ def path_names(path) -> tuple[str, ...]:
     return tuple(out)
 
 
+def tree_finite(tree):
+    """Scalar bool: every float array in ``tree`` is finite (traceable inside jit)."""
+    import jax.numpy as jnp
+    leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)]
+    return jnp.all(jnp.stack(leaves)) if leaves else jnp.array(True)
+
+
 def is_decayed(names: tuple[str, ...]) -> bool:
     last = names[-1] if names else ""
     return last.endswith("_w") or last in DECAYED_NAMES

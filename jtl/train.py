@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jtl import sharding as S
 from jtl.config import Config
 from jtl.models import Model
-from jtl.optim import make_tx, schedule
+from jtl.optim import make_tx, schedule, tree_finite
 from jtl.tasks import TaskSpec, loss_and_outputs, prepare_batch
 
 
@@ -136,8 +136,7 @@ def make_train_step(cfg: Config, spec: TaskSpec, graphdef, total_steps: int):
         if skip_nan:
             # A finite gradient can still overflow the update (huge lr): skip that too, so
             # a skipped step never leaves a non-finite state behind.
-            finite = finite & jnp.all(jnp.stack([jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(new)
-                                                 if jnp.issubdtype(x.dtype, jnp.inexact)]))
+            finite = finite & tree_finite(new)
             new = jax.tree.map(lambda a, b: jnp.where(finite, a, b), new, old)
             # The step counter still advances: the schedule and RNG stay in step with the host.
             m2, o2 = nnx.merge(graphdef, new)
