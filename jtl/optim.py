@@ -1,4 +1,9 @@
-"""Optax chains: AdamW, warmup + decay schedules, weight-decay and freeze masks."""
+"""Optax chains: AdamW, warmup + decay schedules, weight-decay masks, and the filter of
+trainable parameters (``optim.freeze``).
+
+Frozen parameters are left out of the optimizer altogether (``trainable_filter`` is
+the ``wrt`` of ``nnx.Optimizer`` and of the train step's gradient): no gradient, no
+Adam moments, no weight decay, and the global clip norm counts only what trains."""
 from __future__ import annotations
 
 import jax
@@ -41,6 +46,17 @@ def is_frozen(names: tuple[str, ...], prefixes: tuple[str, ...]) -> bool:
                for p in prefixes)
 
 
+def trainable_filter(cfg: OptimConfig):
+    """nnx filter ``(path, value) -> bool``: a parameter that ``cfg.freeze`` does not name."""
+    from flax import nnx
+    prefixes = tuple(cfg.freeze)
+
+    def trainable(path, value) -> bool:
+        return isinstance(value, nnx.Param) and not (
+            prefixes and is_frozen(tuple(str(k) for k in path), prefixes))
+    return trainable
+
+
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     total_steps = max(int(total_steps), 1)
     warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
@@ -68,9 +84,4 @@ def make_tx(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     parts.append(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
     tx = optax.chain(*parts)
-    if cfg.freeze:
-        def labels(tree):
-            return jax.tree_util.tree_map_with_path(
-                lambda p, _: "frozen" if is_frozen(path_names(p), cfg.freeze) else "train", tree)
-        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
     return tx

@@ -19,7 +19,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from jtl import sharding as S
 from jtl.config import Config
 from jtl.models import Model
-from jtl.optim import make_tx, schedule, tree_finite
+from jtl.optim import make_tx, schedule, trainable_filter, tree_finite
 from jtl.tasks import TaskSpec, loss_and_outputs, prepare_batch
 
 
@@ -58,7 +58,7 @@ def abstract_state(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int):
 
     def create():
         model = create_model(cfg, spec)
-        return model, nnx.Optimizer(model, tx, wrt=nnx.Param)
+        return model, nnx.Optimizer(model, tx, wrt=trainable_filter(cfg.optim))
 
     with S.activate(mesh):
         graphdef, abstract = nnx.split(nnx.eval_shape(create))
@@ -97,17 +97,18 @@ def _split_micro(x, m: int):
 def make_train_step(cfg: Config, spec: TaskSpec, graphdef, total_steps: int):
     lr_fn = schedule(cfg.optim, total_steps)
     micro, seed, skip_nan = cfg.train.microbatches, cfg.train.seed, cfg.train.nan_policy == "skip"
+    trainable = trainable_filter(cfg.optim)
 
     def train_step(state, batch):
         model, opt = nnx.merge(graphdef, state)
-        mdef, params = nnx.split(model, nnx.Param)
+        mdef, params, frozen = nnx.split(model, trainable, ...)  # frozen: optim.freeze (often empty)
         step = opt.step[...]
         rng = jax.random.fold_in(jax.random.key(seed), step)
         mask_rng, rng = jax.random.split(rng)
         batch = prepare_batch(cfg, spec, batch, mask_rng)
 
         def loss_fn(p, mb, r):
-            loss_sum, count, extra = loss_and_outputs(cfg, spec, nnx.merge(mdef, p), mb, r)
+            loss_sum, count, extra = loss_and_outputs(cfg, spec, nnx.merge(mdef, p, frozen), mb, r)
             return loss_sum, (count, extra.get("correct", jnp.zeros(())))
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
