@@ -236,8 +236,11 @@ def prepare(cfg: Config):
     return cfg, tok, rows
 
 
-def finetune(cfg: Config, load_params=None) -> dict:
-    """Train ``cfg`` (a fine-tuning task); returns the summary also written to summary.json."""
+def finetune(cfg: Config, load_params=None, on_step=None) -> dict:
+    """Train ``cfg`` (a fine-tuning task); returns the summary also written to summary.json.
+
+    ``on_step(step, guard)`` is called after each step (tests and callbacks:
+    ``guard.request()`` stops the run at this step as SIGTERM would)."""
     t_start = time.perf_counter()
     out_dir = cfg.out_dir
     cfg, tok, rows = prepare(cfg)
@@ -273,20 +276,17 @@ def finetune(cfg: Config, load_params=None) -> dict:
 
     t_build = time.perf_counter()
     setup = build(cfg, spec, mesh, total, load_params)
+    start, loop = _resume(cfg, setup, out_dir / "checkpoints")
     mngr = ckpt.manager(out_dir / "checkpoints", keep=cfg.checkpoint.keep, async_save=cfg.checkpoint.async_save,
                         best_metric=metric if cfg.checkpoint.keep_best else None, best_mode=mode)
-    start = 0
-    if cfg.checkpoint.resume and mngr.latest_step() is not None:
-        start = mngr.latest_step()
-        setup.state, _, _ = ckpt.restore_state(mngr, start, setup.state)
-        log.info("resumed from %s at step %d", out_dir / "checkpoints", start)
     writer = MetricWriter(out_dir)
     widths = [w for _, w in T.epoch_plan(enc["train"].lengths, buckets, B, 0, False)]
     logger = StepLogger(cfg, setup, writer, train_flops_per_step(cfg.model, B, float(np.mean(widths)),
                                                                   cfg.task.kind), total, start)
     eval_bs = _eval_batch_size(cfg, mesh)
     val = enc.get("validation")
-    history, best, best_step, bad_evals = [], None, None, 0
+    history, best, best_step, bad_evals = (loop.get("history", []), loop.get("best"), loop.get("best_step"),
+                                           loop.get("bad_evals", 0))
     better = (lambda a, b: a > b) if mode == "max" else (lambda a, b: a < b)
     stopped_early = False
     it = T.train_batches(enc["train"], cfg.data, B, cfg.train.seed + cfg.data.seed, start)
@@ -295,6 +295,10 @@ def finetune(cfg: Config, load_params=None) -> dict:
     t0 = time.perf_counter()
     state = setup.state
     step = start
+
+    def loop_meta():  # saved with each checkpoint: a resumed run keeps its best and patience
+        return {"loop": {"history": history, "best": best, "best_step": best_step, "bad_evals": bad_evals}}
+
     with preemption.Guard() as guard:
         for step in range(start + 1, total + 1):
             host = next(it)
@@ -304,8 +308,10 @@ def finetune(cfg: Config, load_params=None) -> dict:
             padded_total += padded
             state, m = setup.train_step(state, to_device(mesh, host))
             logger.push(step, m, real, padded)
+            if on_step is not None:
+                on_step(step, guard)
             if guard.stop_requested(step) and step < total:  # SIGTERM: checkpoint this step, exit 75
-                ckpt.save(mngr, step, state, cfg.to_dict(), force=True)
+                ckpt.save(mngr, step, state, cfg.to_dict(), meta=loop_meta(), force=True)
                 ckpt.wait(mngr)
                 logger.flush()
                 mngr.close()
@@ -318,9 +324,9 @@ def finetune(cfg: Config, load_params=None) -> dict:
             setup.state = state
             t_eval = time.perf_counter()
             if val is None:
-                ckpt.save(mngr, step, state, cfg.to_dict(), metrics={metric: 0.0} if cfg.checkpoint.keep_best
-                          else None, force=True)
                 best_step = step
+                ckpt.save(mngr, step, state, cfg.to_dict(), metrics={metric: 0.0} if cfg.checkpoint.keep_best
+                          else None, meta=loop_meta(), force=True)
                 eval_s += time.perf_counter() - t_eval
                 continue
             ev = evaluate(setup, val, eval_bs)
@@ -334,7 +340,8 @@ def finetune(cfg: Config, load_params=None) -> dict:
             else:
                 bad_evals += 1
             if improved or not cfg.checkpoint.keep_best:
-                ckpt.save(mngr, step, state, cfg.to_dict(), metrics={metric: float(ev[metric])}, force=True)
+                ckpt.save(mngr, step, state, cfg.to_dict(), metrics={metric: float(ev[metric])},
+                          meta=loop_meta(), force=True)
             eval_s += time.perf_counter() - t_eval
             if cfg.train.patience and bad_evals >= cfg.train.patience:
                 log.info("early stopping at step %d: no %s improvement in %d evaluations", step, metric,
@@ -371,6 +378,27 @@ def finetune(cfg: Config, load_params=None) -> dict:
     writer.close()
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     return summary
+
+
+def _resume(cfg: Config, setup: Setup, ckdir: Path) -> tuple[int, dict]:
+    """Restore the run's newest usable checkpoint (validated like pretraining's:
+    completeness, shapes, finiteness; ``checkpoint.fallback`` steps back past a broken
+    one). Returns (start step, the loop's evaluation history/best/patience so far).
+    ``checkpoint.resume=false`` moves old checkpoints aside and starts fresh; the data
+    order needs no state (batches are a function of the seed and the step)."""
+    if not cfg.checkpoint.resume:
+        ckpt.set_aside(ckdir)
+        return 0, {}
+    if not ckpt.all_steps(ckdir):
+        return 0, {}
+    got = ckpt.resume(ckdir, setup.state, cfg.to_dict(), fallback=cfg.checkpoint.fallback)
+    if got is None:
+        return 0, {}
+    setup.state, _, step, meta = got
+    loop = meta.get("loop", {})
+    log.info("resumed from %s at step %d (best %s so far: %s at step %s)", ckdir / str(step), step,
+             metric_name(cfg), loop.get("best"), loop.get("best_step"))
+    return step, loop
 
 
 def _has_labels(rows: list[Row], cfg: Config) -> bool:

@@ -300,3 +300,32 @@ def test_label_map_names_and_indices():
     assert nums(5, "f:1") == 2
     with pytest.raises(DataError, match=r"f:2: unknown label 2 in field 'label'"):
         nums(2, "f:2")  # never read as an index when labels are numbers themselves
+
+
+def test_preempted_finetune_resumes_exactly_with_its_best_so_far(tmp_path):
+    """Stop at step 25 (between evaluations, as SIGTERM would), rerun: the resumed run
+    keeps the evaluation history and best step of the first part, and ends with the same
+    history, best step and final metrics as an uninterrupted run (dropout on: its RNG
+    follows the restored step counter; the batch order is a function of the step)."""
+    from jtl import preemption
+    from jtl.finetune import finetune
+    extra = ["task.kind=classification", "train.steps=40", "train.eval_every=10", "model.dropout=0.1",
+             "checkpoint.keep=1"]
+    first_cfg, _ = run(tmp_path, "data", extra, cls_rows(200, 0), cls_rows(30, 1))  # files + tokenizer
+    d = tmp_path / "data"
+    base = TINY + extra + [f"data.train={d / 'train.jsonl'}", f"data.validation={d / 'val.jsonl'}",
+                           f"data.tokenizer={first_cfg.out_dir / 'tokenizer'}"]
+    ref = finetune(C.load(None, base + [f"run_dir={tmp_path / 'ref'}"]))
+    cut = C.load(None, base + [f"run_dir={tmp_path / 'cut'}"])
+
+    def stop_at_25(step, guard):
+        if step == 25:
+            guard.request()
+    with pytest.raises(preemption.Preempted) as e:
+        finetune(cut, on_step=stop_at_25)
+    assert e.value.step == 25
+    resumed = finetune(cut)
+    strip = lambda hist: [{k: v for k, v in h.items() if k != "eval_s"} for h in hist]  # noqa: E731
+    assert len(resumed["history"]) == 4
+    assert strip(resumed["history"]) == strip(ref["history"])
+    assert resumed["best_step"] == ref["best_step"] and resumed["best_metric"] == ref["best_metric"]
