@@ -112,3 +112,47 @@ def test_aot_mesh_bigger_than_machine(tiny, tmp_path):
     assert r["devices"] == 16 and r["mesh"] == {"data": 2, "fsdp": 4, "tensor": 2}
     assert r["memory"]["temp"] > 0 and r["collectives"]["all-gather"]["count"] > 0
     assert (out / "scaling.png").exists()
+
+
+def test_pytorch_reference_loop_learns_ner_and_is_scored_like_jtl(tmp_path):
+    """benchmarks/finetune_vs_pytorch.py's PyTorch side: a tiny random BERT folder
+    (safetensors + tokenizer) fine-tuned on a synthetic NER task by the plain loop,
+    scored by jtl's own metric code, with the jtl preset's schedule."""
+    import importlib.util
+    import json as _json
+    from pathlib import Path
+
+    import torch
+    import transformers
+
+    from jtl import config as C
+    from jtl import finetune as F
+    from jtl.data.tokenizer import train_tokenizer
+    from test_finetune import WORDS, ner_rows, write_jsonl
+
+    spec = importlib.util.spec_from_file_location(
+        "finetune_vs_pytorch", Path(__file__).resolve().parent.parent / "benchmarks" / "finetune_vs_pytorch.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+
+    names = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    tok = train_tokenizer([" ".join(WORDS + ["Mr", "Smith", "Paris"])] * 4, 128, kind="wordpiece")
+    folder = tmp_path / "tiny-bert"
+    torch.manual_seed(0)
+    hf = transformers.BertForTokenClassification(transformers.BertConfig(
+        vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
+        max_position_embeddings=64, num_labels=len(names)))
+    hf.save_pretrained(folder)
+    tok.save_pretrained(str(folder))
+    cfg = C.load(None, [f"model.init_from={folder}", "task.kind=token_classification",
+                        "data.text_field=tokens", "data.label_field=ner_tags", f"data.labels={','.join(names)}",
+                        f"data.train={write_jsonl(tmp_path / 'tr.jsonl', ner_rows(300, 0))}",
+                        f"data.validation={write_jsonl(tmp_path / 'va.jsonl', ner_rows(40, 1))}",
+                        f"run_dir={tmp_path / 'run'}", "data.seq_len=32", "train.batch_size=16",
+                        "train.epochs=3", "optim.lr=3e-3", "optim.warmup_ratio=0.05"])
+    cfg, tk, rows = F.prepare(cfg)
+    enc = {s: F.encode_split(cfg, r, tk) for s, r in rows.items() if r is not None}
+    out = mod.torch_finetune(cfg, enc, log_every=1000)
+    assert out["steps"] == 3 * 19 and len(out["history"]) == 3
+    assert out["final"]["validation"]["entity_f1"] >= 0.9, _json.dumps(out["history"])
+    assert 0 <= out["padding_fraction"] < 1
