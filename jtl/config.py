@@ -119,6 +119,9 @@ class OptimConfig:
     eps: float = 1e-6
     clip_norm: float | None = 1.0
     freeze: tuple[str, ...] = ()  # parameter-path prefixes kept fixed, e.g. ("embed",)
+    # Layer-wise lr decay (discriminative fine-tuning): layer i of L trains at lr * d**(L - i),
+    # the embeddings at lr * d**(L + 1), the head and final norm at lr. 1.0 = off.
+    layer_decay: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -297,6 +300,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}")
     if not 0.0 <= m.dropout < 1.0 or not 0.0 <= m.attention_dropout < 1.0:
         raise ConfigError("model.dropout and model.attention_dropout must be in [0, 1)")
+    if not 0.0 < cfg.optim.layer_decay <= 1.0:
+        raise ConfigError(f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
     if not 0.0 < d.mask_prob < 1.0:
         raise ConfigError(f"data.mask_prob must be in (0, 1), got {d.mask_prob}")
     if m.init_from:  # the family comes from the pretrained source (jtl.weights.resolve_config)

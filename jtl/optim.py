@@ -57,6 +57,31 @@ def trainable_filter(cfg: OptimConfig):
     return trainable
 
 
+def layer_scale(names: tuple[str, ...], shape: tuple[int, ...], decay: float, n_layers: int):
+    """The lr multiplier of one parameter under layer-wise decay: a [layers, 1, ...]
+    column for the stacked layer parameters (axis 0 = layer i, factor decay**(L - i)),
+    decay**(L + 1) for the embeddings, 1 for everything else (heads, final norm)."""
+    import jax.numpy as jnp
+    if "layers" in names and shape:
+        col = decay ** (shape[0] - jnp.arange(shape[0], dtype=jnp.float32))
+        return col.reshape((shape[0],) + (1,) * (len(shape) - 1))
+    if "embed" in names:
+        return decay ** (n_layers + 1)
+    return 1.0
+
+
+def scale_by_layer(decay: float) -> optax.GradientTransformation:
+    """Multiply each update by its layer's lr factor (``OptimConfig.layer_decay``)."""
+
+    def update(updates, state, params=None):
+        leaves = jax.tree_util.tree_leaves_with_path(updates)
+        n = max((x.shape[0] for p, x in leaves if "layers" in path_names(p) and x.ndim), default=0)
+        return jax.tree_util.tree_map_with_path(
+            lambda p, u: u * layer_scale(path_names(p), u.shape, decay, n), updates), state
+
+    return optax.GradientTransformation(lambda params: optax.EmptyState(), update)
+
+
 def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
     total_steps = max(int(total_steps), 1)
     warmup = cfg.warmup_steps or int(round(cfg.warmup_ratio * total_steps))
@@ -83,5 +108,7 @@ def make_tx(cfg: OptimConfig, total_steps: int) -> optax.GradientTransformation:
     parts = [optax.clip_by_global_norm(cfg.clip_norm)] if cfg.clip_norm else []
     parts.append(optax.adamw(sched, b1=cfg.b1, b2=cfg.b2, eps=cfg.eps,
                              weight_decay=cfg.weight_decay, mask=decay_mask))
+    if cfg.layer_decay != 1.0:
+        parts.append(scale_by_layer(cfg.layer_decay))
     tx = optax.chain(*parts)
     return tx

@@ -61,6 +61,22 @@ def test_weight_decay_only_on_matrices_and_embeddings():
     assert np.allclose(new["backbone"]["layers"]["attn_norm_scale"], 1.0)
 
 
+def test_layer_decay_scales_each_layer_of_the_stacked_params():
+    """optim.layer_decay=d: layer i of L moves at lr*d**(L-i), embeddings at lr*d**(L+1),
+    the head at lr (first Adam step on a constant gradient = lr * sign)."""
+    d, n = 0.5, 4
+    params = {"backbone": {"embed": {"tokens": jnp.ones((3, 2))}, "layers": {"q_w": jnp.ones((n, 2, 2))}},
+              "cls_w": jnp.ones((2, 2))}
+    tx = make_tx(OptimConfig(lr=0.1, weight_decay=0.0, clip_norm=None, schedule="constant",
+                             layer_decay=d), 10)
+    grads = jax.tree.map(jnp.ones_like, params)
+    updates, _ = tx.update(grads, tx.init(params), params)
+    np.testing.assert_allclose(updates["cls_w"], -0.1, rtol=1e-5)
+    for i in range(n):
+        np.testing.assert_allclose(updates["backbone"]["layers"]["q_w"][i], -0.1 * d ** (n - i), rtol=1e-5)
+    np.testing.assert_allclose(updates["backbone"]["embed"]["tokens"], -0.1 * d ** (n + 1), rtol=1e-5)
+
+
 def test_freeze_prefix_keeps_parameters_and_leaves_them_out_of_the_optimizer():
     cfg = tiny_cfg("mlm", **{"optim.freeze": ("backbone.embed",), "optim.weight_decay": 0.1})
     mesh = S.make_mesh((2, 1, 1), jax.devices()[:2])
