@@ -134,6 +134,11 @@ class TaskConfig:
     label_smoothing: float = 0.0
     class_weights: tuple[float, ...] | None = None
     head_dropout: float | None = None  # None = model.dropout
+    # token_classification: "equal" = every labelled token weighs the same in the loss
+    # (normalized by rows x the training set's mean labelled tokens per row), so length
+    # buckets do not upweight the tokens of short rows; "batch" = the mean over the
+    # batch's own labelled tokens (what a plain PyTorch loop over random batches does).
+    token_weighting: Literal["equal", "batch"] = "equal"
 
 
 @dataclass(frozen=True)

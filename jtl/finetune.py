@@ -264,6 +264,9 @@ def finetune(cfg: Config, load_params=None, on_step=None) -> dict:
     per_epoch = T.batches_per_epoch(enc["train"].lengths, buckets, B)
     total = cfg.train.steps or max(1, int(round(cfg.train.epochs * per_epoch)))
     spec = TaskSpec(num_labels=num_labels(cfg))
+    if cfg.task.kind == "token_classification" and cfg.task.token_weighting == "equal":
+        labelled = (enc["train"].arrays["labels"] >= 0).sum(1)
+        spec = TaskSpec(num_labels=spec.num_labels, label_tokens_per_row=max(float(labelled.mean()), 1.0))
     metric = metric_name(cfg)
     allowed = E.BY_KIND[cfg.task.kind] if cfg.task.kind != "classification" or num_labels(cfg) == 2 \
         else tuple(m for m in E.BY_KIND["classification"] if m != "f1")

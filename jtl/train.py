@@ -7,6 +7,7 @@ the optimizer's step counter, so the host only feeds batches.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -109,22 +110,22 @@ def make_train_step(cfg: Config, spec: TaskSpec, graphdef, total_steps: int):
 
         def loss_fn(p, mb, r):
             loss_sum, count, extra = loss_and_outputs(cfg, spec, nnx.merge(mdef, p, frozen), mb, r)
-            return loss_sum, (count, extra.get("correct", jnp.zeros(())))
+            return loss_sum, (count, extra.get("correct", jnp.zeros(())), extra.get("scored", count))
 
         grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
         if micro == 1:
-            (loss_sum, (count, correct)), grads = grad_fn(params, batch, rng)
+            (loss_sum, (count, correct, scored)), grads = grad_fn(params, batch, rng)
         else:
             mbs = jax.tree.map(lambda x: _split_micro(x, micro), batch)
             mbs = jax.tree.map(lambda x: S.constrain(x, (None, "batch") + (None,) * (x.ndim - 2)), mbs)
 
             def accumulate(carry, inp):
                 mb, i = inp
-                (ls, (c, k)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
-                return jax.tree.map(jnp.add, carry, (ls, c, k, g)), None
+                (ls, (c, k, n)), g = grad_fn(params, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, (ls, c, k, n, g)), None
 
-            zero = (jnp.zeros(()), jnp.zeros(()), jnp.zeros(()), jax.tree.map(jnp.zeros_like, params))
-            (loss_sum, count, correct, grads), _ = jax.lax.scan(
+            zero = (jnp.zeros(()),) * 4 + (jax.tree.map(jnp.zeros_like, params),)
+            (loss_sum, count, correct, scored, grads), _ = jax.lax.scan(
                 accumulate, zero, (mbs, jnp.arange(micro)))
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
@@ -144,13 +145,15 @@ def make_train_step(cfg: Config, spec: TaskSpec, graphdef, total_steps: int):
             o2.step.set_value(step + 1)
             new = nnx.state((m2, o2))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(step), "tokens": count,
-                   "accuracy": correct / denom, "finite": finite, "step": step + 1}
+                   "accuracy": correct / jnp.maximum(scored, 1.0), "finite": finite, "step": step + 1}
         return new, metrics
 
     return train_step
 
 
 def make_eval_step(cfg: Config, spec: TaskSpec, graphdef):
+    spec = dataclasses.replace(spec, label_tokens_per_row=0.0)  # eval: the mean over real tokens
+
     def eval_step(state, batch):
         model = nnx.merge(graphdef, state)[0]
         loss_sum, count, extra = loss_and_outputs(cfg, spec, model, batch, None)

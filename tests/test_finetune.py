@@ -329,3 +329,40 @@ def test_preempted_finetune_resumes_exactly_with_its_best_so_far(tmp_path):
     assert len(resumed["history"]) == 4
     assert strip(resumed["history"]) == strip(ref["history"])
     assert resumed["best_step"] == ref["best_step"] and resumed["best_metric"] == ref["best_metric"]
+
+
+def test_equal_token_weighting_does_not_depend_on_batch_grouping():
+    """Length buckets put short rows together. With task.token_weighting="equal" a batch's
+    loss is sum / (rows x mean labelled tokens per row), so two bucketed half-batches
+    weigh every token exactly as the mixed batch does; "batch" (mean over the batch's own
+    tokens) gives the tokens of the short half more weight."""
+    import jax.numpy as jnp
+    from jtl.tasks import TaskSpec, loss_and_outputs
+    from jtl.train import create_model
+    cfg = C.load(None, TINY + ["task.kind=token_classification", "data.labels=O,B,I"])
+    rng = np.random.default_rng(0)
+    rows, width = 8, 16
+    lengths = np.array([3, 4, 3, 5, 14, 15, 13, 16])  # 4 short rows, 4 long rows
+    seg = (np.arange(width)[None] < lengths[:, None]).astype(np.int32)
+    batch = {"input_ids": rng.integers(5, 128, (rows, width)).astype(np.int32) * seg,
+             "segment_ids": seg, "positions": np.tile(np.arange(width, dtype=np.int32), (rows, 1)) * seg,
+             "labels": np.where(seg > 0, rng.integers(0, 3, (rows, width)), -100).astype(np.int32),
+             "example_weights": np.ones(rows, np.float32)}
+    half = lambda b, s: {k: v[s] for k, v in b.items()}  # noqa: E731
+    per_row = float(lengths.mean())
+
+    def loss(spec, b):
+        import jax
+        from jtl import sharding as S
+        with S.activate(S.make_mesh((1, 1, 1), jax.devices()[:1])):
+            model = create_model(cfg, spec)
+            ls, count, _ = loss_and_outputs(cfg, spec, model, {k: jnp.asarray(v) for k, v in b.items()}, None)
+        return float(ls / count)
+
+    equal, plain = TaskSpec(num_labels=3, label_tokens_per_row=per_row), TaskSpec(num_labels=3)
+    whole = loss(equal, batch)
+    split = loss(equal, half(batch, slice(0, 4))) + loss(equal, half(batch, slice(4, 8)))
+    assert split / 2 == pytest.approx(whole, rel=1e-5)
+    assert loss(plain, batch) == pytest.approx(whole, rel=1e-5)  # same on the mixed batch
+    split_plain = loss(plain, half(batch, slice(0, 4))) + loss(plain, half(batch, slice(4, 8)))
+    assert abs(split_plain / 2 - whole) > 1e-3  # the short half is upweighted

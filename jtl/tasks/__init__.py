@@ -21,6 +21,10 @@ class TaskSpec:
     mask_id: int = 0
     num_labels: int = 0
     max_predictions: int = 0  # MLM: predictions per row
+    # Token classification with task.token_weighting="equal": the training set's mean
+    # labelled tokens per row. The step's loss is then sum / (rows x this), so every
+    # labelled token weighs the same whatever batch (length bucket) it lands in.
+    label_tokens_per_row: float = 0.0
 
 
 def mlm_max_predictions(seq_len: int, mask_prob: float) -> int:
@@ -99,7 +103,8 @@ def loss_and_outputs(cfg: Config, spec: TaskSpec, model, batch: dict, rng):
         tw = (batch["labels"] >= 0) * w[:, None]
         loss = _xent(logits, jnp.maximum(batch["labels"], 0), cfg.task.label_smoothing) * tw
         correct = ((logits.argmax(-1) == batch["labels"]) * tw).sum()
-        return loss.sum(), tw.sum(), {"logits": logits, "correct": correct}
+        count = w.sum() * spec.label_tokens_per_row if spec.label_tokens_per_row else tw.sum()
+        return loss.sum(), count, {"logits": logits, "correct": correct, "scored": tw.sum()}
     elif kind == "qa":
         start, end = logits[..., 0], logits[..., 1]
         valid = batch["segment_ids"] > 0
