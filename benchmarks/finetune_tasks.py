@@ -27,7 +27,8 @@ def run_task(task: str, overrides: list[str]) -> dict:
     import jax
     from jtl import config
     from jtl.finetune import finetune
-    cfg = config.load(PRESETS[task], [f"run_dir=runs/bench-{task}", "train.progress=false"] + overrides)
+    cfg = config.load(PRESETS[task], [f"run_dir=runs/bench-{task}", "train.progress=false",
+                                    "checkpoint.resume=false"] + overrides)
     t0 = time.perf_counter()
     summary = finetune(cfg)
     wall = time.perf_counter() - t0

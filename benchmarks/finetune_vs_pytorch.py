@@ -169,6 +169,8 @@ def main(argv: list[str]) -> int:
     ap.add_argument("task", choices=sorted(PRESETS))
     ap.add_argument("--only", choices=("torch", "jtl"))
     ap.add_argument("--out", default=None)
+    ap.add_argument("--reuse-torch", metavar="JSON", help="take the PyTorch side from an earlier output "
+                    "of this script (same task and overrides) instead of running it again")
     args, overrides = ap.parse_known_args(argv)
     bad = [o for o in overrides if "=" not in o]
     if bad:
@@ -178,8 +180,9 @@ def main(argv: list[str]) -> int:
     os.chdir(ROOT)
     from jtl import config
     from jtl import finetune as F
-    cfg = config.load(PRESETS[args.task], [f"run_dir=runs/vs-pytorch-{args.task}", "train.progress=false"]
-                      + overrides)
+    # A fresh jtl run each time (an earlier run's checkpoints are moved aside, not resumed).
+    cfg = config.load(PRESETS[args.task], [f"run_dir=runs/vs-pytorch-{args.task}", "train.progress=false",
+                                           "checkpoint.resume=false"] + overrides)
     if not cfg.model.init_from or not Path(cfg.model.init_from).exists():
         raise SystemExit(f"model.init_from={cfg.model.init_from!r} not found: fetch the weights first "
                          "(see configs/sst2-minilm.yaml)")
@@ -192,7 +195,14 @@ def main(argv: list[str]) -> int:
                                "seed": cfg.train.seed, "dropout": cfg.model.dropout},
            "host": {"cpus": os.cpu_count(), "platform": platform.platform(),
                     "load_1min_at_start": os.getloadavg()[0]}}
-    if args.only != "jtl":
+    if args.reuse_torch and args.only != "jtl":
+        prev = json.loads(Path(args.reuse_torch).read_text())
+        if prev.get("task") != args.task or prev.get("hyperparameters") != out["hyperparameters"]:
+            raise SystemExit(f"{args.reuse_torch}: another task or other hyperparameters than this run")
+        out["torch"] = {**prev["torch"], "reused_from": {"file": args.reuse_torch, "command": prev["command"],
+                                                         "host": prev["host"]}}
+        _log(f"torch: reused from {args.reuse_torch} ({out['torch']['wall_s']} s)")
+    elif args.only != "jtl":
         pcfg, tok, rows = F.prepare(cfg)
         enc = {s: F.encode_split(pcfg, r, tok) for s, r in rows.items() if r is not None}
         _log(f"torch: {len(enc['train'])} train rows, epochs {pcfg.train.epochs}")
