@@ -332,6 +332,24 @@ def resume(path: str | Path, abstract_state, cfg_dict: dict, step: int | None = 
     raise CheckpointError("no checkpoint could be restored:\n  " + "\n  ".join(errors))
 
 
+def resume_run(ck, ckdir: Path, abstract_state, cfg_dict: dict):
+    """A run's resume policy (``ck`` = the config's ``checkpoint`` section): with
+    ``resume=false`` old steps are moved aside; otherwise the run's own checkpoints in
+    ``ckdir``, else ``resume_from``. Returns None (fresh start) or
+    (state, data_state, step, meta, checkpoints dir it came from)."""
+    if not ck.resume:
+        set_aside(ckdir)
+        return None
+    source = ckdir if all_steps(ckdir) else ck.resume_from
+    if ck.resume_from and source == ckdir:
+        log.warning("checkpoint.resume_from=%s ignored: this run has its own checkpoints in %s",
+                    ck.resume_from, ckdir)
+    if source is None:
+        return None
+    got = resume(source, abstract_state, cfg_dict, fallback=ck.fallback)
+    return None if got is None else (*got, locate(source)[0])
+
+
 _finite = jax.jit(tree_finite)
 
 

@@ -12,6 +12,7 @@ tokenizer/, checkpoints/ and summary.json (with ``best_step``).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -266,7 +267,7 @@ def finetune(cfg: Config, load_params=None, on_step=None) -> dict:
     spec = TaskSpec(num_labels=num_labels(cfg))
     if cfg.task.kind == "token_classification" and cfg.task.token_weighting == "equal":
         labelled = (enc["train"].arrays["labels"] >= 0).sum(1)
-        spec = TaskSpec(num_labels=spec.num_labels, label_tokens_per_row=max(float(labelled.mean()), 1.0))
+        spec = dataclasses.replace(spec, label_tokens_per_row=max(float(labelled.mean()), 1.0))
     metric = metric_name(cfg)
     allowed = E.BY_KIND[cfg.task.kind] if cfg.task.kind != "classification" or num_labels(cfg) == 2 \
         else tuple(m for m in E.BY_KIND["classification"] if m != "f1")
@@ -384,22 +385,16 @@ def finetune(cfg: Config, load_params=None, on_step=None) -> dict:
 
 
 def _resume(cfg: Config, setup: Setup, ckdir: Path) -> tuple[int, dict]:
-    """Restore the run's newest usable checkpoint (validated like pretraining's:
-    completeness, shapes, finiteness; ``checkpoint.fallback`` steps back past a broken
-    one). Returns (start step, the loop's evaluation history/best/patience so far).
-    ``checkpoint.resume=false`` moves old checkpoints aside and starts fresh; the data
-    order needs no state (batches are a function of the seed and the step)."""
-    if not cfg.checkpoint.resume:
-        ckpt.set_aside(ckdir)
-        return 0, {}
-    if not ckpt.all_steps(ckdir):
-        return 0, {}
-    got = ckpt.resume(ckdir, setup.state, cfg.to_dict(), fallback=cfg.checkpoint.fallback)
+    """Restore the newest usable checkpoint (the run's own, else checkpoint.resume_from;
+    validated as for pretraining). Returns (start step, the loop's evaluation
+    history/best/patience so far); the batch order needs no state (a function of the
+    seed and the step)."""
+    got = ckpt.resume_run(cfg.checkpoint, ckdir, setup.state, cfg.to_dict())
     if got is None:
         return 0, {}
-    setup.state, _, step, meta = got
+    setup.state, _, step, meta, source = got
     loop = meta.get("loop", {})
-    log.info("resumed from %s at step %d (best %s so far: %s at step %s)", ckdir / str(step), step,
+    log.info("resumed from %s at step %d (best %s so far: %s at step %s)", source / str(step), step,
              metric_name(cfg), loop.get("best"), loop.get("best_step"))
     return step, loop
 

@@ -245,25 +245,15 @@ def pretrain(cfg: Config, load_params=None, on_step=None) -> dict:
 def _resume(cfg: Config, setup: Setup, it, ckdir: Path) -> tuple[int, int]:
     """Restore state + data iterator from the run's own checkpoints, else from
     checkpoint.resume_from; returns (start step, skipped updates so far)."""
-    ck = cfg.checkpoint
-    if not ck.resume:
-        ckpt.set_aside(ckdir)
-        return 0, 0
-    source = ckdir if ckpt.all_steps(ckdir) else ck.resume_from
-    if ck.resume_from and source == ckdir:
-        log.warning("checkpoint.resume_from=%s ignored: this run has its own checkpoints in %s",
-                    ck.resume_from, ckdir)
-    if source is None:
-        return 0, 0
-    got = ckpt.resume(source, setup.state, cfg.to_dict(), fallback=ck.fallback)
+    got = ckpt.resume_run(cfg.checkpoint, ckdir, setup.state, cfg.to_dict())
     if got is None:
         return 0, 0
-    setup.state, data_state, step, meta = got
-    saved = ckpt.read_item(ckpt.locate(source)[0], step, "config")
+    setup.state, data_state, step, meta, source = got
+    saved = ckpt.read_item(source, step, "config")
     if saved.get("data") != json.loads(json.dumps(cfg.to_dict())).get("data"):
         log.warning("the data config differs from the checkpoint's: the data stream will not "
                     "continue exactly where it stopped")
     if data_state:
         it.set_state(data_state)
-    log.info("resumed from %s at step %d", ckpt.locate(source)[0] / str(step), step)
+    log.info("resumed from %s at step %d", source / str(step), step)
     return step, int(meta.get("skipped_updates", 0))
