@@ -45,7 +45,8 @@ def main(argv=None) -> int:
     from jtl.data import lm
     from jtl.data.pipeline import train_iterator
     from jtl.data.tokenizer import special_ids
-    from jtl.pretrain import _texts, get_tokenizer
+    from jtl.pretrain import _texts
+    from jtl.run.birth import tokenizer as get_tokenizer
     from jtl.tasks import TaskSpec, mlm_max_predictions
     from jtl.train import build
 

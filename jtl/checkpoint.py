@@ -77,7 +77,8 @@ def manager(directory: Path, keep: int = 2, async_save: bool = True,
     best_fn = None
     if best_metric:
         best_fn = _metric_fn(best_metric, best_mode)
-        policies.append(cm.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1))
+        policies.append(cm.BestN(get_metric_fn=best_fn, reverse=best_mode == "min", n=1,
+                                 keep_checkpoints_without_metrics=False))  # those: LatestN/EveryNSteps
     options = ocp.CheckpointManagerOptions(
         preservation_policy=cm.AnyPreservationPolicy(policies),
         best_fn=best_fn, best_mode=best_mode, enable_async_checkpointing=async_save,
@@ -332,18 +333,25 @@ def resume(path: str | Path, abstract_state, cfg_dict: dict, step: int | None = 
     raise CheckpointError("no checkpoint could be restored:\n  " + "\n  ".join(errors))
 
 
-def resume_run(ck, ckdir: Path, abstract_state, cfg_dict: dict):
-    """A run's resume policy (``ck`` = the config's ``checkpoint`` section): with
-    ``resume=false`` old steps are moved aside; otherwise the run's own checkpoints in
-    ``ckdir``, else ``resume_from``. Returns None (fresh start) or
-    (state, data_state, step, meta, checkpoints dir it came from)."""
+def resume_source(ck, ckdir: Path):
+    """Where a run's state comes from (``ck`` = the config's ``checkpoint`` section): the
+    run's own checkpoints in ``ckdir``, else ``resume_from``, else None. With
+    ``resume=false`` old steps are moved aside (never deleted) and the answer is None."""
     if not ck.resume:
         set_aside(ckdir)
         return None
-    source = ckdir if all_steps(ckdir) else ck.resume_from
-    if ck.resume_from and source == ckdir:
-        log.warning("checkpoint.resume_from=%s ignored: this run has its own checkpoints in %s",
-                    ck.resume_from, ckdir)
+    if all_steps(ckdir):
+        if ck.resume_from:
+            log.warning("checkpoint.resume_from=%s ignored: this run has its own checkpoints in %s",
+                        ck.resume_from, ckdir)
+        return ckdir
+    return ck.resume_from or None
+
+
+def resume_run(ck, ckdir: Path, abstract_state, cfg_dict: dict):
+    """``resume_source``, then ``resume`` from it. Returns None (fresh start) or
+    (state, data_state, step, meta, checkpoints dir it came from)."""
+    source = resume_source(ck, ckdir)
     if source is None:
         return None
     got = resume(source, abstract_state, cfg_dict, fallback=ck.fallback)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 
 
@@ -18,25 +17,16 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_train(args) -> int:
     from jtl import config
+    from jtl.tasks import get as get_task
     cfg = config.load(args.config, args.overrides)
-    if cfg.model.init_from:  # the architecture comes from the pretrained source
-        from jtl.weights import resolve_config
-        cfg = resolve_config(cfg)
-    if cfg.task.kind in ("mlm", "clm"):
+    if get_task(cfg.task.kind).pretraining:  # the model's birth (init_from, resume) is jtl.run.birth's
         from jtl.pretrain import pretrain
-        summary = pretrain(cfg, _weights_loader(cfg))
+        summary = pretrain(cfg)
     else:
         from jtl.finetune import finetune
         summary = finetune(cfg)
-    print(json.dumps(summary, indent=2))
+    print(json.dumps(summary, indent=2, default=float))
     return 0
-
-
-def _weights_loader(cfg):
-    if not cfg.model.init_from:
-        return None
-    from jtl.weights import params_loader
-    return params_loader(cfg)
 
 
 def cmd_show_config(args) -> int:

@@ -309,14 +309,8 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
     if not 0.0 < d.mask_prob < 1.0:
         raise ConfigError(f"data.mask_prob must be in (0, 1), got {d.mask_prob}")
-    if m.init_from:  # the family comes from the pretrained source (jtl.weights.resolve_config)
-        pass
-    elif cfg.task.kind == "mlm" and m.causal:
-        raise ConfigError(f"task.kind='mlm' needs an encoder family (bert, roberta); "
-                          f"model.family={m.family!r} is causal: use task.kind='clm'")
-    elif cfg.task.kind == "clm" and not m.causal:
-        raise ConfigError(f"task.kind='clm' needs a decoder family (gpt2, llama), "
-                          f"got model.family={m.family!r}")
+    # Whether task.kind fits the model family is checked by jtl.run.birth.resolve, once the
+    # architecture is final (model.init_from decides it).
     for key, size in (("mesh.data", cfg.mesh.data), ("mesh.fsdp", cfg.mesh.fsdp),
                       ("mesh.tensor", cfg.mesh.tensor)):
         if size == 0 or size < -1:

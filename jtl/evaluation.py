@@ -175,18 +175,3 @@ def multilabel_scores(y_true, y_pred) -> dict:
                       (t[:, c] & ~p[:, c]).sum())[2] for c in range(t.shape[1])]
     return {"accuracy": float((t == p).all(1).mean()), "micro_f1": f, "f1": f,
             "macro_f1": float(np.mean(per_label)) if per_label else 0.0}
-
-
-BY_KIND = {
-    "classification": ("accuracy", "f1", "macro_f1", "mcc", "loss"),
-    "regression": ("pearson", "spearman", "mse", "loss"),
-    "multilabel": ("micro_f1", "f1", "macro_f1", "accuracy", "loss"),
-    "token_classification": ("entity_f1", "entity_precision", "entity_recall", "token_accuracy", "loss"),
-    "qa": ("squad_f1", "squad_exact", "loss"),
-}
-LOWER_IS_BETTER = ("loss", "mse")
-
-
-def default_metric(kind: str, num_labels: int = 0) -> str:
-    return {"classification": "accuracy", "regression": "pearson", "multilabel": "micro_f1",
-            "token_classification": "entity_f1", "qa": "squad_f1"}.get(kind, "loss")

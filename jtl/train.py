@@ -67,19 +67,32 @@ def abstract_state(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int):
     return graphdef, abstract, shardings, create
 
 
+def concrete_target(abstract, shardings):
+    """The abstract state (whose shardings name an AbstractMesh) with the real mesh's
+    shardings: what loaders and Orbax restore straight into."""
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+
+
 def init_state(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int,
-               load_params: Callable | None = None):
+               load_params: Callable | None = None, restore: Callable | None = None):
     """Create the state directly in its shardings (never whole on one device).
 
-    ``load_params(abstract_params) -> {path: jax.Array}`` may supply pretrained
-    weights (already sharded); parameters it does not return keep their init.
+    ``restore(target) -> state | None`` fills the whole (params, opt) state from a
+    checkpoint (nothing is initialized then); if it gives None (nothing to restore) the state is initialized on device and
+    ``load_params(target_params) -> {path: jax.Array}`` may supply pretrained weights
+    (already sharded); parameters it does not return keep their init.
     """
     S.check_model_fits(cfg.model, mesh)
     graphdef, abstract, shardings, create = abstract_state(cfg, spec, mesh, total_steps)
+    target = concrete_target(abstract, shardings)
+    if restore is not None:
+        state = restore(target)
+        if state is not None:
+            return graphdef, state, shardings
     with S.activate(mesh):
         state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
     if load_params is not None:
-        loaded = load_params(abstract[0])
+        loaded = load_params(target[0])
         flat = dict(state[0].flat_state())
         for path, arr in loaded.items():
             var = flat[path]
@@ -198,10 +211,11 @@ def jit_train_step(cfg: Config, spec: TaskSpec, mesh, graphdef, shardings, total
 
 
 def build(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int,
-          load_params: Callable | None = None) -> Setup:
-    """Sharded state + jitted train/eval steps for this mesh (one jit per mesh/rules)."""
+          load_params: Callable | None = None, restore: Callable | None = None) -> Setup:
+    """Sharded state + jitted train/eval steps for this mesh (one jit per mesh/rules).
+    Where the state comes from is ``jtl.run.birth``'s decision (see ``init_state``)."""
     S.check_batch_fits(cfg.train.batch_size, cfg.train.microbatches, mesh)
-    graphdef, state, shardings = init_state(cfg, spec, mesh, total_steps, load_params)
+    graphdef, state, shardings = init_state(cfg, spec, mesh, total_steps, load_params, restore)
     eval_fn = make_eval_step(cfg, spec, graphdef)
     train_step = jit_train_step(cfg, spec, mesh, graphdef, shardings, total_steps)
     eval_step = InMesh(mesh, jax.jit(eval_fn, in_shardings=(shardings, None)))

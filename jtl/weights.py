@@ -106,7 +106,8 @@ def resolve_config(cfg: Config) -> Config:
 
 
 def params_loader(cfg: Config):
-    """``load(abstract_params) -> {path: sharded jax.Array}`` for ``train.build``."""
+    """``load(target_params) -> {path: sharded jax.Array}`` for ``train.build`` (the target
+    carries the real mesh's shardings, see ``train.concrete_target``)."""
     init_from = cfg.model.init_from
     if not init_from:
         return None
@@ -117,7 +118,7 @@ def params_loader(cfg: Config):
         kind = _kind(p)
         if kind == "jtl":
             from jtl.checkpoint import restore_params
-            out = restore_params(p, _Concrete(abstract_params), prefix=("backbone",))
+            out = restore_params(p, abstract_params, prefix=("backbone",))
             fresh = [".".join(map(str, k)) for k, _ in abstract_params.flat_state() if k not in out]
             if fresh:
                 log.warning("newly initialized (not from %s): %s", p, ", ".join(fresh))
@@ -180,20 +181,6 @@ def export_hf(model_cfg: ModelConfig, params, out_dir, tokenizer_dir=None, *, ta
     """Write a transformers folder from jtl params (nnx.State of the model, or {path: array})."""
     return H.export_hf(model_cfg, _flat(params), out_dir, tokenizer_dir, task=task, pooling=pooling,
                        labels=labels)
-
-
-class _Concrete:
-    """Abstract params with real-device shardings (Orbax cannot restore onto an AbstractMesh)."""
-
-    def __init__(self, abstract_params):
-        import jax
-        from jtl.convert.hf import concrete_sharding
-        self.items = [(path, jax.ShapeDtypeStruct(tuple(v.shape), v.dtype,
-                                                  sharding=concrete_sharding(v.sharding)))
-                      for path, v in abstract_params.flat_state()]
-
-    def flat_state(self):
-        return self.items
 
 
 class _SavedParams:

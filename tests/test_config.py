@@ -33,8 +33,11 @@ def test_impossible_settings():
         config.load("tiny-mlm", ["model.hidden=130"])
     with pytest.raises(ConfigError, match="batch_size=30 is not divisible by train.microbatches=4"):
         config.load("tiny-mlm", ["train.batch_size=30", "train.microbatches=4"])
+    from jtl.run.birth import resolve  # the family check runs once the architecture is final
     with pytest.raises(ConfigError, match="task.kind='mlm' needs an encoder"):
-        config.load("tiny-clm", ["task.kind=mlm"])
+        resolve(config.load("tiny-clm", ["task.kind=mlm"]))
+    with pytest.raises(ConfigError, match="task.kind='clm' needs a decoder"):
+        resolve(config.load("tiny-mlm", ["task.kind=clm"]))
     with pytest.raises(ConfigError, match="exceeds model.max_len"):
         config.load("tiny-mlm", ["data.seq_len=512"])
     with pytest.raises(ConfigError, match="at most one of mesh"):

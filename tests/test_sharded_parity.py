@@ -1,6 +1,5 @@
 """Same model, data and seed give the same loss and gradients on every mesh."""
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx

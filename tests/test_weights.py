@@ -316,7 +316,8 @@ def test_jtl_run_dir_backbone_and_export_run(tmp_path):
 
 def _abstract(cfg):
     mesh = S.make_mesh((1, 1, 1))
-    return train.abstract_state(cfg, TaskSpec(num_labels=3), mesh, 10)[1][0]
+    _, abstract, shardings, _ = train.abstract_state(cfg, TaskSpec(num_labels=3), mesh, 10)
+    return train.concrete_target(abstract, shardings)[0]  # what birth hands the loaders
 
 
 def test_truncated_safetensors_names_the_file(saved, tmp_path):

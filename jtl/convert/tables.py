@@ -24,6 +24,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from jtl.tasks import kinds
+
+
 @dataclass(frozen=True)
 class Chunk:
     axis: int
@@ -181,7 +184,7 @@ _ROBERTA_MLM = {
     "lm_w": ("^lm_head.decoder.weight", ()),
 }
 _BERT_POOLER = {"pooler_w": ("pooler.dense.weight", ()), "pooler_b": ("pooler.dense.bias", ())}
-_SEQ = ("classification", "regression", "multilabel")
+_SEQ = kinds(head="sequence")  # every pooled-head task shares the HF sequence-classification head
 
 # (family, task kind) -> (head rules, HF architecture for export)
 HEADS = {

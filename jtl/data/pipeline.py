@@ -56,20 +56,45 @@ def steps_per_epoch(n_rows: int, global_batch: int) -> int:
     return max(usable // global_batch, 1)
 
 
-def eval_batches(arrays: dict, global_batch: int, pad_row: dict | None = None):
-    """Every row exactly once, in order; the last batch padded with weight-0 rows.
+def pad_batch(chunk: dict, batch: int, fill: dict | None = None) -> dict:
+    """The one padding rule for partial batches (evaluation, the last bucketed batch):
+    ``chunk``'s rows, then ``batch - n`` rows of ``fill[k]`` (default 0) with
+    ``example_weights`` 0, so every real example is counted exactly once."""
+    real = len(next(iter(chunk.values())))
+    out = {}
+    for k, v in chunk.items():
+        if real < batch:
+            pad = np.full((batch - real,) + v.shape[1:], (fill or {}).get(k, 0), v.dtype)
+            v = np.concatenate([v, pad])
+        out[k] = v
+    w = np.zeros(batch, np.float32)
+    w[:real] = 1.0
+    out["example_weights"] = w
+    return out
 
-    Yields (batch, n_real) with ``example_weights`` set to 1 for real rows.
+
+def process_rows(global_rows: dict, process_index: int | None = None,
+                 process_count: int | None = None) -> dict:
+    """This process's contiguous share of a global batch that every process planned
+    identically (the convention ``sharding.global_batch`` assembles from)."""
+    pc = jax.process_count() if process_count is None else process_count
+    if pc == 1:
+        return global_rows
+    pi = jax.process_index() if process_index is None else process_index
+    n = len(next(iter(global_rows.values())))
+    if n % pc:
+        raise ValueError(f"a global batch of {n} rows does not split over {pc} processes")
+    per = n // pc
+    return {k: v[pi * per:(pi + 1) * per] for k, v in global_rows.items()}
+
+
+def eval_batches(arrays: dict, global_batch: int):
+    """Every row exactly once, in order, as this process's share of padded global batches.
+
+    Yields (batch, n_real) with ``example_weights`` 1 for real rows, 0 for padding.
     """
     n = len(RowSource(arrays))
     for start in range(0, n, global_batch):
         chunk = {k: v[start:start + global_batch] for k, v in arrays.items()}
         real = len(next(iter(chunk.values())))
-        if real < global_batch:
-            chunk = {k: np.concatenate([v, np.repeat(v[:1] * 0 if pad_row is None else
-                                                      pad_row[k][None], global_batch - real, 0)])
-                     for k, v in chunk.items()}
-        w = np.zeros(global_batch, np.float32)
-        w[:real] = 1.0
-        chunk["example_weights"] = w
-        yield chunk, real
+        yield process_rows(pad_batch(chunk, global_batch)), real

@@ -1,5 +1,5 @@
 """Model definitions: one backbone for encoders and decoders, task heads on top."""
-from jtl.models.heads import Model, SEQUENCE_TASKS
+from jtl.models.heads import Model
 from jtl.models.transformer import Backbone
 
-__all__ = ["Model", "Backbone", "SEQUENCE_TASKS"]
+__all__ = ["Model", "Backbone"]

@@ -1,14 +1,14 @@
 """Task heads on top of the backbone, and ``Model`` = backbone + one head.
 
-The head is picked by ``task.kind``:
+The head is the one ``task.kind``'s task names (``jtl.tasks.get(kind).head``):
 
 * ``mlm``: BERT prediction head (dense + act + LN, decoder tied to the token
   embeddings) evaluated only at the masked positions it is given.
 * ``clm``: next-token logits (tied or separate output matrix).
-* ``classification`` / ``regression`` / ``multilabel``: pooled [CLS] (BERT
+* ``sequence`` (classification, regression, multilabel): pooled [CLS] (BERT
   pooler, raw CLS or mean of tokens) -> dropout -> linear.
-* ``token_classification``: per-token linear.
-* ``qa``: per-token start/end logits.
+* ``token`` (token_classification): per-token linear.
+* ``span`` (qa): per-token start/end logits.
 """
 from __future__ import annotations
 
@@ -20,31 +20,31 @@ from jtl.config import ModelConfig
 from jtl.models import layers as L
 from jtl.models.transformer import Backbone
 from jtl.sharding import constrain
-
-SEQUENCE_TASKS = ("classification", "regression", "multilabel")
+from jtl.tasks import get as get_task
 
 
 class Model(nnx.Module):
     def __init__(self, cfg: ModelConfig, task: str = "mlm", num_labels: int = 0, *,
                  pooling: str = "pooler", rngs: nnx.Rngs):
         self.task, self.pooling = task, pooling
+        self.head = head = get_task(task).head
         self.backbone = Backbone(cfg, rngs)
         dt = jnp.dtype(cfg.param_dtype)
         p = lambda shape, names, **kw: L.param(rngs, shape, names, std=cfg.init_std, dtype=dt, **kw)
         d = cfg.hidden
-        if task == "mlm":
+        if head == "mlm":
             self.mlm_w = p((d, d), ("norm", "embed"))
             self.mlm_b = p((d,), ("norm",), init="zeros")
             self.mlm_norm_scale = p((d,), ("norm",), init="ones")
             self.mlm_norm_bias = p((d,), ("norm",), init="zeros")
             self.mlm_out_b = p((cfg.vocab_size,), ("vocab",), init="zeros")
-        if task in ("mlm", "clm") and not cfg.tie_embeddings:
+        if head in ("mlm", "clm") and not cfg.tie_embeddings:
             self.lm_w = p((cfg.vocab_size, d), ("vocab", "embed"))
-        if task in SEQUENCE_TASKS and pooling == "pooler":
+        if head == "sequence" and pooling == "pooler":
             self.pooler_w = p((d, d), ("norm", "embed"))
             self.pooler_b = p((d,), ("norm",), init="zeros")
-        if task in SEQUENCE_TASKS + ("token_classification", "qa"):
-            n = 2 if task == "qa" else num_labels
+        if head in ("sequence", "token", "span"):
+            n = 2 if head == "span" else num_labels
             if n <= 0:
                 raise ValueError(f"task {task!r} needs num_labels > 0")
             self.cls_w = p((n, d), ("classes", "embed"))
@@ -60,16 +60,16 @@ class Model(nnx.Module):
                           batch.get("token_type_ids"), r_body)
         dt = h.dtype
         drop = cfg.dropout if head_dropout is None else head_dropout
-        if self.task == "mlm":
+        if self.head == "mlm":
             # Only the masked positions reach the vocab projection: [B, P, D].
             h = jnp.take_along_axis(h, batch["mlm_positions"][..., None], axis=1)
             h = L.activation(cfg.activation)(L.dense(h, self.mlm_w[...], self.mlm_b[...], dt))
             h = L.layer_norm(h, self.mlm_norm_scale[...], self.mlm_norm_bias[...], cfg.norm_eps)
             logits = L.dense(h, self.output_matrix(), self.mlm_out_b[...], dt)
             return constrain(logits, ("batch", "length", "vocab"))
-        if self.task == "clm":
+        if self.head == "clm":
             return constrain(L.dense(h, self.output_matrix(), None, dt), ("batch", "length", "vocab"))
-        if self.task in SEQUENCE_TASKS:
+        if self.head == "sequence":
             pooled = pool(h, batch.get("segment_ids"), self.pooling)
             if self.pooling == "pooler":
                 pooled = jnp.tanh(L.dense(pooled, self.pooler_w[...], self.pooler_b[...], dt))

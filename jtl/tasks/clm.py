@@ -1,0 +1,19 @@
+"""Causal-LM pretraining (GPT-2 / Llama): next-token loss on packed rows."""
+from __future__ import annotations
+
+from jtl.tasks.base import Task, register, xent
+
+
+class CLM(Task):
+    name, head, pretraining, causal = "clm", "clm", True, True
+    metrics = ("loss", "perplexity", "accuracy")
+    lower_is_better = ("loss", "perplexity")
+
+    def loss(self, cfg, spec, model, batch, rng):
+        logits = self.head_logits(cfg, model, batch, rng)
+        w = batch["loss_weights"]
+        loss = xent(logits, batch["targets"]) * w
+        return loss.sum(), w.sum(), {"correct": ((logits.argmax(-1) == batch["targets"]) * w).sum()}
+
+
+register(CLM())
