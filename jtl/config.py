@@ -305,6 +305,23 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"data.seq_len={d.seq_len} exceeds model.max_len={m.max_len}")
     if not 0.0 <= m.dropout < 1.0 or not 0.0 <= m.attention_dropout < 1.0:
         raise ConfigError("model.dropout and model.attention_dropout must be in [0, 1)")
+    o = cfg.optim
+    if not o.lr > 0:  # a negative lr trains by gradient ascent, silently
+        raise ConfigError(f"optim.lr must be > 0, got {o.lr}")
+    ranges = {"optim.warmup_ratio": (o.warmup_ratio, 0.0, 1.0), "optim.end_lr_ratio": (o.end_lr_ratio, 0.0, 1.0),
+              "optim.b1": (o.b1, 0.0, 0.999999), "optim.b2": (o.b2, 0.0, 0.999999),
+              "task.label_smoothing": (cfg.task.label_smoothing, 0.0, 0.999999)}
+    for key, (v, lo, hi) in ranges.items():
+        if not lo <= v <= hi:
+            raise ConfigError(f"{key} must be in [{lo}, {hi:g}], got {v}")
+    for key, v in {"optim.weight_decay": o.weight_decay, "optim.eps": o.eps, "optim.warmup_steps": o.warmup_steps,
+                   "train.steps": t.steps or 0}.items():
+        if v < 0:
+            raise ConfigError(f"{key} must be >= 0, got {v}")
+    if o.clip_norm is not None and o.clip_norm <= 0:
+        raise ConfigError(f"optim.clip_norm must be > 0 or null (no clipping), got {o.clip_norm}")
+    if t.steps and o.warmup_steps > t.steps:
+        raise ConfigError(f"optim.warmup_steps={o.warmup_steps} exceeds train.steps={t.steps}")
     if not 0.0 < cfg.optim.layer_decay <= 1.0:
         raise ConfigError(f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
     if not 0.0 < d.mask_prob < 1.0:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import os
 import time
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from jtl.data.pipeline import process_rows
 from jtl.data.sources import DataError, Row, read_rows
 from jtl.metrics import MetricWriter, train_flops_per_step
 from jtl.run import birth
+from jtl.run.lock import run_lock
 from jtl.run.loop import Evaluation, train_loop
 from jtl.tasks import TaskSpec
 from jtl.tasks import get as get_task
@@ -154,6 +156,11 @@ def finetune(cfg: Config, load_params=None, on_step=None) -> dict:
     ``load_params`` overrides the model.init_from loader; ``on_step(step, guard)`` is
     called after each step (tests and callbacks: ``guard.request()`` stops the run at
     this step as SIGTERM would)."""
+    with run_lock(cfg.out_dir):  # one writer per run directory
+        return _finetune(cfg, load_params, on_step)
+
+
+def _finetune(cfg: Config, load_params, on_step) -> dict:
     t_start = time.perf_counter()
     out_dir = cfg.out_dir
     cfg, tok, rows = prepare(cfg)
@@ -182,6 +189,9 @@ def finetune(cfg: Config, load_params=None, on_step=None) -> dict:
     t_build = time.perf_counter()
     ckdir = out_dir / "checkpoints"
     setup, resumed = birth.born(cfg, spec, mesh, total, ckdir, load_params)
+    done = birth.finished(cfg, resumed, total, out_dir)
+    if done is not None:
+        return done
     birth.write_run_files(cfg, out_dir)
     widths = [w for _, w in T.epoch_plan(enc["train"].lengths, buckets, B, 0, False)]
     flops = train_flops_per_step(cfg.model, B, float(np.mean(widths)), cfg.task.kind)
@@ -255,19 +265,27 @@ def predict_file(run_dir, input_path, output_path, overrides=(), chunk_rows: int
     Each output line has ``row`` (0-based input row), the input's ``id``/``idx``
     when present, and the prediction (label + probabilities, score, labels, tags or
     answer span)."""
+    out = Path(output_path)
+    if out.exists() and out.resolve() == Path(input_path).resolve():
+        raise ConfigError(f"--output {out} is the input file: refusing to overwrite it")
     cfg, tok, setup = load_run(run_dir, None, overrides)
     rows = read_rows(str(input_path), split="test", text_field=cfg.data.text_field,
                      hf_config=cfg.data.hf_config)
     bs = _eval_batch_size(cfg, setup.mesh)
     n = 0
-    Path(output_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(output_path, "w", encoding="utf-8") as f:
-        for at in range(0, len(rows), chunk_rows):
-            part = rows[at:at + chunk_rows]
-            enc = encode_split(cfg, part, tok, with_labels=False)
-            logits, _ = run_model(setup, enc, bs)
-            for i, (r, p) in enumerate(zip(part, decode(cfg, enc, logits))):
-                ids = {k: r.data[k] for k in ("id", "idx") if k in r.data}
-                f.write(json.dumps({"row": at + i, **ids, **p}, ensure_ascii=False) + "\n")
-                n += 1
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # the old output survives a failure
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for at in range(0, len(rows), chunk_rows):
+                part = rows[at:at + chunk_rows]
+                enc = encode_split(cfg, part, tok, with_labels=False)
+                logits, _ = run_model(setup, enc, bs)
+                for i, (r, p) in enumerate(zip(part, decode(cfg, enc, logits))):
+                    ids = {k: r.data[k] for k in ("id", "idx") if k in r.data}
+                    f.write(json.dumps({"row": at + i, **ids, **p}, ensure_ascii=False) + "\n")
+                    n += 1
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
     return n

@@ -19,6 +19,7 @@ from jtl.data.sources import get_text, read_rows
 from jtl.data.tokenizer import special_ids
 from jtl.metrics import MetricWriter, train_flops_per_step
 from jtl.run import birth
+from jtl.run.lock import run_lock
 from jtl.run.loop import Evaluation, train_loop
 from jtl.tasks import TaskSpec, mlm_max_predictions
 from jtl.tasks import get as get_task
@@ -57,6 +58,11 @@ def pretrain(cfg: Config, load_params=None, on_step=None) -> dict:
     ``load_params`` overrides the model.init_from loader; ``on_step(step, guard)`` is
     called after each step (tests use it to request a stop).
     """
+    with run_lock(cfg.out_dir):  # one writer per run directory
+        return _pretrain(cfg, load_params, on_step)
+
+
+def _pretrain(cfg: Config, load_params, on_step) -> dict:
     if not cfg.data.train:
         raise ConfigError("data.train is required (file, folder, glob or HF dataset name)")
     task = get_task(cfg.task.kind)
@@ -87,6 +93,9 @@ def pretrain(cfg: Config, load_params=None, on_step=None) -> dict:
 
     ckdir = out_dir / "checkpoints"
     setup, resumed = birth.born(cfg, spec, mesh, total, ckdir, load_params)
+    done = birth.finished(cfg, resumed, total, out_dir)
+    if done is not None:
+        return done
     birth.write_run_files(cfg, out_dir)
     it = train_iterator(rows, cfg.train.batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size

@@ -291,3 +291,15 @@ def test_retention_latest_every_k_and_best(tmp_path):
     assert mngr.best_step() == 2 and mngr.latest_step() == 9
     mngr.close()
     assert ckpt.valid_steps(tmp_path) == [2, 4, 7, 9]
+
+
+def test_rerunning_a_finished_run_trains_nothing_and_keeps_its_files(reference, tmp_path, caplog):
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = {f: (run / f).read_bytes() for f in ("summary.json", "config.yaml", "metrics.jsonl")}
+    with caplog.at_level("INFO", logger="jtl"):
+        summary = pretrain(make_cfg(run, "optim.lr=0.5"))
+    assert summary == json.loads(before["summary.json"])
+    assert {f: (run / f).read_bytes() for f in before} == before
+    assert "optim.lr differ" in caplog.text and "the run is complete" in caplog.text
+    assert ckpt.valid_steps(run / "checkpoints") == [8, 12]

@@ -53,3 +53,32 @@ def test_base_chain(tmp_path):
     (tmp_path / "child.yaml").write_text("base: tiny-mlm\noptim:\n  lr: 0.5\n")
     cfg = config.load(str(tmp_path / "child.yaml"))
     assert cfg.optim.lr == 0.5 and cfg.model.hidden == 128
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("optim.lr", "-1e-3", r"optim\.lr must be > 0"),
+    ("optim.lr", "0", r"optim\.lr must be > 0"),
+    ("optim.weight_decay", "-0.1", r"optim\.weight_decay must be >= 0"),
+    ("optim.warmup_ratio", "1.5", r"optim\.warmup_ratio must be in"),
+    ("optim.b2", "1.0", r"optim\.b2 must be in"),
+    ("optim.clip_norm", "0", r"optim\.clip_norm must be > 0"),
+    ("task.label_smoothing", "1.0", r"task\.label_smoothing must be in"),
+])
+def test_out_of_range_optimizer_keys_are_refused(key, value, match):
+    with pytest.raises(ConfigError, match=match):
+        config.load(None, [f"{key}={value}"])
+
+
+def test_warmup_longer_than_the_run_is_refused():
+    with pytest.raises(ConfigError, match=r"optim\.warmup_steps=50 exceeds train\.steps=10"):
+        config.load(None, ["optim.warmup_steps=50", "train.steps=10"])
+
+
+def test_label_one_as_text_and_as_int_is_one_label():
+    from jtl.data.sources import Row
+    from jtl.data.tasks import infer_labels
+    rows = [Row({"text": "a", "label": v}, f"f:{i}") for i, v in enumerate([0, 1, "1", 1, 0, 10, 2])]
+    cfg = config.load(None, ["task.kind=classification"])
+    assert infer_labels(rows, cfg) == ("0", "1", "2", "10")
+    rows = [Row({"text": "a", "label": v}, f"f:{i}") for i, v in enumerate(["pos", "neg", "pos"])]
+    assert infer_labels(rows, cfg) == ("neg", "pos")

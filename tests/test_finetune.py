@@ -83,6 +83,15 @@ def test_classification_trains_and_cli_roundtrip(tmp_path):
     want = ["neg", "pos"] * 11
     assert sum(p["label"] == w for p, w in zip(preds, want)) >= 20
     assert abs(sum(preds[0]["probabilities"].values()) - 1) < 1e-4
+    # A failed predict (a row without the text field) leaves the previous output intact.
+    before = out.read_bytes()
+    bad = write_jsonl(tmp_path / "bad.jsonl", rows[:3] + [{"idx": 99}])
+    from jtl.finetune import predict_file
+    with pytest.raises(DataError, match=r"bad\.jsonl:4"):
+        predict_file(run_dir, bad, out)
+    assert out.read_bytes() == before and not list(tmp_path.glob(".out.jsonl.tmp*"))
+    with pytest.raises(C.ConfigError, match="is the input file"):
+        predict_file(run_dir, inp, inp)
 
 
 def test_eval_counts_every_example_once_on_8_devices(tmp_path):

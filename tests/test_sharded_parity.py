@@ -10,7 +10,9 @@ from jtl.train import build
 
 from helpers import lm_batch, tiny_cfg
 
-MESHES = [(1, 1, 1), (8, 1, 1), (1, 8, 1), (2, 2, 2)]
+# The reference, full FSDP, and all three axes at once (data parallelism alone is
+# the (2, 2, 2) mesh's data axis; test_mesh covers the mesh shapes themselves).
+MESHES = [(1, 1, 1), (1, 8, 1), (2, 2, 2)]
 
 
 def loss_and_grads(setup, batch):
@@ -46,7 +48,7 @@ def run(kind, mesh_shape, steps=2, **over):
     return setup, loss0, grads, np.array(losses)
 
 
-@pytest.mark.parametrize("kind,meshes", [("mlm", MESHES), ("clm", [MESHES[0], MESHES[3]])])
+@pytest.mark.parametrize("kind,meshes", [("mlm", MESHES), ("clm", [MESHES[0], MESHES[2]])])
 def test_loss_and_grads_match_across_meshes(kind, meshes):
     over = {"model.dropout": 0.1, "model.attention_dropout": 0.1}  # dropout must not depend on the mesh
     _, ref_loss, ref_grads, ref_losses = run(kind, meshes[0], **over)

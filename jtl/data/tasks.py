@@ -17,6 +17,7 @@ QA contexts are split into overlapping windows instead) and counted in
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -72,9 +73,13 @@ def infer_labels(rows: list[Row], cfg: Config) -> tuple[str, ...] | None:
             seen.update(v)
         else:
             seen.add(v)
-    if all(isinstance(v, int) and not isinstance(v, bool) for v in seen):
-        return tuple(str(v) for v in sorted(seen))
-    return tuple(sorted(_label_key(v) for v in seen))
+    keys = {_label_key(v) for v in seen}  # 1 and "1" are one label, not two
+    if len(keys) < len(seen):
+        log.warning("%s: field %r mixes label types (%s); labels equal as text are merged",
+                    cfg.data.train, field_, ", ".join(sorted({type(v).__name__ for v in seen})))
+    if all(re.fullmatch(r"-?\d+", k) for k in keys):
+        return tuple(sorted(keys, key=int))
+    return tuple(sorted(keys))
 
 
 def field(row: Row, name: str):

@@ -167,6 +167,24 @@ def from_run(run_dir, config_path: str | None = None, overrides=()):
     return cfg, tok, setup
 
 
+def finished(cfg: Config, got: Resumed, total_steps: int, out_dir: Path) -> dict | None:
+    """The kept summary.json when the restored run already reached ``total_steps``
+    (rerunning a finished run trains nothing and rewrites nothing), else None.
+    Changed optimizer keys are reported: they would have no effect."""
+    summary = out_dir / "summary.json"
+    if got.source is None or got.step < total_steps or not summary.exists():
+        return None
+    saved = ckpt.read_item(got.source, got.step, "config")
+    now = json.loads(json.dumps(cfg.to_dict()))
+    changed = sorted(f"optim.{k}" for k, v in now["optim"].items() if saved.get("optim", {}).get(k) != v)
+    if changed:
+        log.warning("%s differ from the finished run's config; they have no effect on a complete run "
+                    "(use a new run_dir, or checkpoint.resume=false to retrain)", ", ".join(changed))
+    log.info("%s: the run is complete (step %d of %d); nothing to train, summary.json kept",
+             out_dir, got.step, total_steps)
+    return json.loads(summary.read_text())
+
+
 def write_run_files(cfg: Config, out_dir: Path) -> None:
     """RUN_DIR/config.yaml (the resolved config, labels included), written by process 0
     once the run's validation and resume have succeeded."""
