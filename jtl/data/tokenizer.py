@@ -46,12 +46,13 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, kind: str, lowerca
     from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
     if kind == "wordpiece":
-        tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
-        tok.normalizer = normalizers.BertNormalizer(lowercase=lowercase)
-        tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        normalizer = normalizers.BertNormalizer(lowercase=lowercase)
+        pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+        tok = Tokenizer(models.WordPiece(vocab=_wordpiece_vocab(list(texts), vocab_size, normalizer,
+                                                                pre_tokenizer), unk_token="[UNK]"))
+        tok.normalizer, tok.pre_tokenizer = normalizer, pre_tokenizer
         tok.decoder = decoders.WordPiece()
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=ENCODER_SPECIALS)
-        tok.train_from_iterator(texts, trainer)
+        tok.add_special_tokens(ENCODER_SPECIALS)  # already ids 0-4 of the vocab
         cls, sep = tok.token_to_id("[CLS]"), tok.token_to_id("[SEP]")
         tok.post_processor = processors.TemplateProcessing(
             single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
@@ -73,6 +74,27 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int, *, kind: str, lowerca
     if out_dir is not None:
         fast.save_pretrained(str(out_dir))
     return fast
+
+
+def _wordpiece_vocab(texts: list[str], vocab_size: int, normalizer, pre_tokenizer) -> dict[str, int]:
+    """A WordPiece vocabulary (token -> id) learnt from ``texts``, the same in every process.
+
+    ``tokenizers``' WordPieceTrainer gives the ``##c`` continuation tokens their ids in
+    the iteration order of a Rust hash map (randomly seeded per process), and merges of
+    equal count are ordered by id, so two runs on the same text learn different
+    vocabularies. Here every initial token (specials, characters, ``##`` characters) is
+    handed to the trainer in sorted order, which fixes all ids and therefore every tie."""
+    from tokenizers import Tokenizer, models, trainers
+    chars, inner = set(), set()
+    for text in texts:
+        for word, _ in pre_tokenizer.pre_tokenize_str(normalizer.normalize_str(text)):
+            chars.update(word)
+            inner.update(word[1:])
+    fixed = ENCODER_SPECIALS + sorted(chars) + ["##" + c for c in sorted(inner)]
+    scratch = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    scratch.normalizer, scratch.pre_tokenizer = normalizer, pre_tokenizer
+    scratch.train_from_iterator(texts, trainers.WordPieceTrainer(vocab_size=vocab_size, special_tokens=fixed))
+    return scratch.get_vocab(with_added_tokens=False)
 
 
 def special_ids(tok) -> dict:
