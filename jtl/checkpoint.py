@@ -225,6 +225,20 @@ def set_aside(ckdir: Path) -> Path | None:
     return dest
 
 
+def set_aside_step(ckdir: Path, step: int) -> Path | None:
+    """Move a step that cannot be restored to ``<ckdir>.damaged/<step>-<time>`` (kept for
+    inspection, never listed, never deleted). A fallback run then saves that step
+    number again instead of finding it taken by the damaged one."""
+    src = Path(ckdir) / str(step)
+    if jax.process_index() != 0 or not src.is_dir():
+        return None
+    dest = Path(ckdir).with_name(f"{Path(ckdir).name}.damaged") / f"{step}-{time.strftime('%Y%m%d-%H%M%S')}"
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    src.rename(dest)
+    log.error("!!! moved the damaged checkpoint step %d to %s", step, dest)
+    return dest
+
+
 # ---------------------------------------------------------------- compatibility
 
 def _flat_shapes(tree) -> dict[str, tuple]:
@@ -289,12 +303,14 @@ def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
 
 
 def resume(path: str | Path, abstract_state, cfg_dict: dict, step: int | None = None,
-           fallback: bool = False):
+           fallback: bool = False, set_aside_damaged: bool = False):
     """Restore the newest usable step of ``path`` (run dir, checkpoints dir or step dir).
 
     Returns (state, data_state, step, meta) or None when there is no checkpoint. A
     broken step raises CheckpointError, or with ``fallback`` logs loudly and tries
-    the previous committed step. Family/shape mismatches always raise.
+    the previous committed step; with ``set_aside_damaged`` too (the run's own
+    checkpoints, which it will save into) the broken steps are moved aside
+    (``set_aside_step``) once an older one restored. Family/shape mismatches always raise.
     """
     ckdir, pinned = locate(path)
     step = pinned if step is None else step
@@ -304,7 +320,7 @@ def resume(path: str | Path, abstract_state, cfg_dict: dict, step: int | None = 
     candidates = [s for s in listed if step is None or s <= step]
     if not candidates:
         return None
-    errors = []
+    errors, damaged = [], []
     for s in reversed(candidates):
         mngr = _reader(ckdir)
         try:
@@ -316,6 +332,9 @@ def resume(path: str | Path, abstract_state, cfg_dict: dict, step: int | None = 
             if not all_finite(state):
                 raise CheckpointError("it holds non-finite parameters or optimizer state")
             meta = read_item(ckdir, s, "meta")
+            if set_aside_damaged:
+                for bad_step in damaged:
+                    set_aside_step(ckdir, bad_step)
             return state, data_state, s, meta
         except IncompatibleCheckpoint:
             raise  # another model: an older step of the same run would not fit either
@@ -328,6 +347,7 @@ def resume(path: str | Path, abstract_state, cfg_dict: dict, step: int | None = 
                         if older else "")
                 raise CheckpointError(msg + hint) from e
             log.error("!!! CHECKPOINT FALLBACK: %s; trying an older step", msg)
+            damaged.append(s)
         finally:
             mngr.close()
     raise CheckpointError("no checkpoint could be restored:\n  " + "\n  ".join(errors))
@@ -354,7 +374,8 @@ def resume_run(ck, ckdir: Path, abstract_state, cfg_dict: dict):
     source = resume_source(ck, ckdir)
     if source is None:
         return None
-    got = resume(source, abstract_state, cfg_dict, fallback=ck.fallback)
+    got = resume(source, abstract_state, cfg_dict, fallback=ck.fallback,
+                 set_aside_damaged=Path(source) == Path(ckdir))
     return None if got is None else (*got, locate(source)[0])
 
 

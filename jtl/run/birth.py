@@ -116,7 +116,8 @@ def born(cfg: Config, spec, mesh, total_steps: int, ckdir: Path, load_params=Non
     got = Resumed()
 
     def restore(target):
-        out = ckpt.resume(source, target, cfg.to_dict(), fallback=cfg.checkpoint.fallback)
+        out = ckpt.resume(source, target, cfg.to_dict(), fallback=cfg.checkpoint.fallback,
+                          set_aside_damaged=Path(source) == Path(ckdir))  # this run saves there
         if out is None:
             return None
         state, data_state, step, meta = out
