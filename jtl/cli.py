@@ -19,6 +19,10 @@ def cmd_train(args) -> int:
     from jtl import config
     from jtl.tasks import get as get_task
     cfg = config.load(args.config, args.overrides)
+    if args.seeds:
+        from jtl.run.seeds import parse_seeds, run_seeds
+        print(json.dumps(run_seeds(cfg, parse_seeds(args.seeds)), indent=2, default=float))
+        return 0
     if get_task(cfg.task.kind).pretraining:  # the model's birth (init_from, resume) is jtl.run.birth's
         from jtl.pretrain import pretrain
         summary = pretrain(cfg)
@@ -69,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("train", help="pretrain or fine-tune: jtl train CONFIG [key=value ...]")
     p.add_argument("config")
     p.add_argument("overrides", nargs="*")
+    p.add_argument("--seeds", help="run once per seed (e.g. 0,1,2 or 0-4) in RUN_DIR/seed-N; "
+                                   "writes RUN_DIR/seeds.json with mean and std")
     p.set_defaults(fn=cmd_train)
     p = sub.add_parser("show-config", help="print the resolved config")
     p.add_argument("config")

@@ -88,6 +88,11 @@ class DataConfig:
     pack: bool = True  # LM: pack several documents per row (segment ids)
     buckets: tuple[int, ...] = ()  # fine-tuning padded lengths; () = 16, 32, ... up to seq_len
     max_examples: int | None = None  # cap on rows read per split
+    # Few-shot training subsets (jtl/data/fewshot.py): a stratified sample of data.train,
+    # reproducible per data.sample_seed; evaluation splits are never sampled.
+    max_train_examples: int | None = None
+    examples_per_label: int | None = None  # classification: k rows of every label
+    sample_seed: int = 0
     mask_prob: float = 0.15
     doc_stride: int = 128  # QA: tokens of overlap between windows of a long context
     max_answer_tokens: int = 30  # QA: longest span considered when predicting
@@ -326,6 +331,12 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"optim.layer_decay must be in (0, 1], got {cfg.optim.layer_decay}")
     if not 0.0 < d.mask_prob < 1.0:
         raise ConfigError(f"data.mask_prob must be in (0, 1), got {d.mask_prob}")
+    for key, v in (("data.max_train_examples", d.max_train_examples),
+                   ("data.examples_per_label", d.examples_per_label)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{key} must be >= 1 or null (all rows), got {v}")
+    if d.max_train_examples is not None and d.examples_per_label is not None:
+        raise ConfigError("set data.max_train_examples or data.examples_per_label, not both")
     # Whether task.kind fits the model family is checked by jtl.run.birth.resolve, once the
     # architecture is final (model.init_from decides it).
     for key, size in (("mesh.data", cfg.mesh.data), ("mesh.fsdp", cfg.mesh.fsdp),

@@ -26,6 +26,7 @@ import numpy as np
 from jtl import config as C
 from jtl import sharding as S
 from jtl.config import Config, ConfigError
+from jtl.data import fewshot
 from jtl.data import tasks as T
 from jtl.data.pipeline import process_rows
 from jtl.data.sources import DataError, Row, read_rows
@@ -141,6 +142,7 @@ def prepare(cfg: Config):
         cfg = cfg.replace(**{"data.labels": list(labels)})
     if labels is not None and len(labels) < 2 and cfg.task.kind == "classification":
         raise DataError(f"{cfg.data.train}: only one label ({labels}) in field {cfg.data.label_field!r}")
+    rows["train"] = fewshot.subset(rows["train"], cfg, labels)  # after the labels: same classes per budget
     if cfg.task.class_weights and len(cfg.task.class_weights) != num_labels(cfg):
         raise ConfigError(f"task.class_weights has {len(cfg.task.class_weights)} values for "
                           f"{num_labels(cfg)} labels")
