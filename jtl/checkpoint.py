@@ -18,16 +18,24 @@ What makes a checkpoint safe to resume from:
   in favour of the best), and drops old steps only after a newer one committed.
 * Every candidate step is checked (all items present) before it is trusted; a
   restore that still fails names the step and, when ``fallback`` is allowed, moves
-  on to the previous committed step with a loud warning.
+  on to the previous committed step with a loud warning (and, in the run's own
+  checkpoints, moves the broken step to ``checkpoints.damaged/``).
+* Once a step committed, the sha256 of each of its item files is recorded in
+  ``<step>/jtl_checksums.json``; every restore verifies them first, so a file changed
+  after it was written (bit rot, a bad copy) is refused naming the file instead of
+  restoring as finite but wrong values.
 * ``meta`` records the model family and config; resuming a different family or
   other parameter shapes is refused with the differing paths listed.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import shutil
 import time
+import weakref
 from pathlib import Path
 
 import jax
@@ -44,6 +52,7 @@ FORMAT = 1
 TRASH = ".trash"
 ARRAY_ITEMS = ("params", "opt")
 JSON_ITEMS = ("config", "data", "meta")
+CHECKSUMS = "jtl_checksums.json"
 
 
 class CheckpointError(RuntimeError):
@@ -134,19 +143,94 @@ def save(mngr: ocp.CheckpointManager, step: int, state, config: dict, data_state
                  meta=ocp.args.JsonSave(meta))
     if mngr.latest_step() is not None and step <= mngr.latest_step() and not force:
         return False
+    wait(mngr)  # the previous save commits and gets its checksums before this one starts
     empty_trash(mngr.directory)
     try:
-        return mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
+        saved = mngr.save(step, args=ocp.args.Composite(**items), metrics=metrics, force=force)
     except Exception as e:
         raise _save_error(mngr, step, e) from e
+    if saved:
+        _unhashed.setdefault(mngr, set()).add(int(step))
+        record_checksums(mngr)  # a synchronous save has committed already
+    return saved
 
 
 def wait(mngr: ocp.CheckpointManager) -> None:
-    """Block until every started save committed; a failed write raises CheckpointError."""
+    """Block until every started save committed and record its checksums; a failed
+    write raises CheckpointError."""
     try:
         mngr.wait_until_finished()
     except Exception as e:
         raise _save_error(mngr, None, e) from e
+    record_checksums(mngr)
+
+
+# ---------------------------------------------------------------- checksums
+
+_unhashed: "weakref.WeakKeyDictionary[ocp.CheckpointManager, set[int]]" = weakref.WeakKeyDictionary()
+
+
+def _item_files(step_dir: Path) -> list[Path]:
+    return sorted(f for item in (*ARRAY_ITEMS, *JSON_ITEMS) if (step_dir / item).is_dir()
+                  for f in (step_dir / item).rglob("*") if f.is_file())
+
+
+def _sha256(f: Path) -> str:
+    h = hashlib.sha256()
+    with open(f, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 22), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def record_checksums(mngr: ocp.CheckpointManager) -> None:
+    """Write ``<step>/jtl_checksums.json`` for the steps this manager saved that have
+    committed since (their item files are final once the step dir has its name). Steps
+    still being written wait for the next call (``save`` and ``wait`` call this)."""
+    pending = _unhashed.get(mngr)
+    if not pending:
+        return
+    ckdir = Path(mngr.directory)
+    for step in sorted(pending):
+        d = ckdir / str(step)
+        if not d.is_dir():
+            continue  # not committed yet
+        pending.discard(step)
+        if jax.process_index() != 0:
+            continue
+        try:
+            sums = {f.relative_to(d).as_posix(): _sha256(f) for f in _item_files(d)}
+            tmp = d / f".{CHECKSUMS}.tmp"
+            tmp.write_text(json.dumps({"algorithm": "sha256", "files": sums}, indent=0))
+            os.replace(tmp, d / CHECKSUMS)
+        except OSError as e:  # the step stays restorable, only unverified
+            log.warning("%s: could not record checksums (%s: %s); this step will restore unverified",
+                        d, type(e).__name__, e)
+
+
+def verify_step(ckdir: Path, step: int, items=(*ARRAY_ITEMS, *JSON_ITEMS)) -> bool:
+    """Check the files of ``items`` of a step against its recorded checksums. Raises
+    CheckpointError naming the first changed or missing file; False (with a warning)
+    when the step has no checksums (saved by an older jtl, or killed before recording)."""
+    d = Path(ckdir) / str(step)
+    try:
+        recorded = json.loads((d / CHECKSUMS).read_text())["files"]
+    except FileNotFoundError:
+        log.warning("%s: no %s (saved by an older jtl, or killed before recording them): "
+                    "restoring without verifying its files", d, CHECKSUMS)
+        return False
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{d / CHECKSUMS}: unreadable ({type(e).__name__}: {e})") from e
+    for name, digest in sorted(recorded.items()):
+        if name.split("/")[0] not in items:
+            continue
+        f = d / name
+        if not f.is_file():
+            raise CheckpointError(f"{f}: missing (it was part of step {step} when it was saved)")
+        if _sha256(f) != digest:
+            raise CheckpointError(f"{f}: checksum mismatch: the file changed after step {step} was "
+                                  f"saved (damaged disk or copy?); refusing to restore from it")
+    return True
 
 
 def _save_error(mngr, step, e) -> CheckpointError:
@@ -289,9 +373,12 @@ def _abstract(tree):
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding), tree)
 
 
-def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state):
+def restore_state(mngr: ocp.CheckpointManager, step: int, abstract_state, verify: bool = True):
     """Full (params, opt) state restored into the shardings of ``abstract_state`` (any
-    mesh). Returns (state, data iterator state, config)."""
+    mesh), its files verified first unless ``verify=False`` (the caller did).
+    Returns (state, data iterator state, config)."""
+    if verify:
+        verify_step(mngr.directory, step)
     target_p = _abstract(_to_pure(abstract_state[0]))
     target_o = _abstract(_to_pure(abstract_state[1]))
     r = mngr.restore(step, args=ocp.args.Composite(
@@ -327,8 +414,9 @@ def resume(path: str | Path, abstract_state, cfg_dict: dict, step: int | None = 
             bad = step_problems(ckdir, s)
             if bad:
                 raise CheckpointError("incomplete: " + "; ".join(bad))
+            verify_step(ckdir, s)
             check_compatible(ckdir, s, cfg_dict, abstract_state[0])
-            state, data_state, _ = restore_state(mngr, s, abstract_state)
+            state, data_state, _ = restore_state(mngr, s, abstract_state, verify=False)
             if not all_finite(state):
                 raise CheckpointError("it holds non-finite parameters or optimizer state")
             meta = read_item(ckdir, s, "meta")
@@ -407,6 +495,7 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None,
     Returns {path tuple: array}. Only paths under ``prefix`` (e.g. ("backbone",)) are read.
     """
     ckdir, step = _pick_step(path, step)
+    verify_step(ckdir, step, items=("params",))
     mngr = _reader(ckdir, ocp.PyTreeCheckpointHandler())
     saved = mngr.item_metadata(step)["params"]
     saved_flat = {tuple(str(getattr(k, "key", k)) for k in p): v

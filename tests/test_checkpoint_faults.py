@@ -56,3 +56,28 @@ def test_fallback_sets_the_damaged_step_aside_and_saves_the_new_one(reference, t
     assert_same(state, load(reference, cfg)[0])  # retrained from 8: the same bits as before
     assert losses(run)[STEPS] == losses(reference)[STEPS]
     assert pretrain(cfg) == summary  # a rerun finds the complete run
+
+
+def test_flipped_bytes_in_any_array_file_are_refused_naming_the_file(reference, tmp_path):
+    run = _copy(reference, tmp_path)
+    cfg = make_cfg(run)
+    step_dir = run / "checkpoints/12"
+    for s in ckpt.valid_steps(run / "checkpoints"):
+        assert (run / "checkpoints" / str(s) / ckpt.CHECKSUMS).is_file(), s  # recorded at save
+    files = sorted(f for item in ("params", "opt") for f in (step_dir / item).rglob("*") if f.is_file())
+    assert any("/d/" in str(f) for f in files) and len(files) > 4
+    for f in files:
+        original = f.read_bytes()
+        _damage(f)
+        try:
+            with pytest.raises(ckpt.CheckpointError, match=f"{f}: checksum mismatch"):
+                load(run, cfg)
+        finally:
+            f.write_bytes(original)
+    data = next((step_dir / "params/ocdbt.process_0/d").iterdir())
+    _damage(data, offset=len(data.read_bytes()) - 8)
+    state, _, step, _ = load(run, cfg, fallback=True)  # the previous, intact step
+    assert step == 8
+    assert_same(state, load(reference, cfg, step=8)[0])
+    with pytest.raises(ckpt.CheckpointError, match=f"{data}: checksum mismatch"):  # init_from, eval
+        ckpt.restore_params(run, load(reference, cfg)[0][0], step=12)

@@ -233,8 +233,8 @@ def train_loop(cfg: Config, setup: Setup, batches, *, total: int, ckdir: Path, w
         if restore_best and out.best_step is not None and out.best_step != out.step:
             setup.state, _, _ = ckpt.restore_state(mngr, out.best_step, setup.state)
     finally:
-        try:  # whatever stopped the loop, let a save in flight commit
-            mngr.wait_until_finished()
+        try:  # whatever stopped the loop, let a save in flight commit (and record its checksums)
+            ckpt.wait(mngr)
         except Exception as e:  # already reported by ckpt.wait / ckpt.save when it matters
             log.error("checkpoint save failed: %s", e)
         mngr.close()
