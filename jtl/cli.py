@@ -4,7 +4,9 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+import threading
 
 
 def _setup_logging(verbose: bool) -> None:
@@ -66,6 +68,20 @@ def cmd_bench(args) -> int:
     return bench_main(args.rest)
 
 
+def _leave(code: int, as_program: bool) -> int:
+    """``code``; when ``main`` is the program and it failed, exit at once if background
+    threads would keep the process alive (after a failed checkpoint save, Orbax's
+    writer threads wait ~300 s for a step directory that will never appear)."""
+    lingering = [t for t in threading.enumerate()
+                 if t is not threading.main_thread() and t.is_alive() and not t.daemon]
+    if as_program and code and lingering:
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="jtl", description="JAX transfer learning")
     parser.add_argument("-q", "--quiet", action="store_true")
@@ -99,6 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("bench", help="throughput/MFU/memory benchmarks (jtl bench --help)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
+    as_program = argv is None  # `jtl ...` / `python -m jtl.cli`, not a call from Python
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["bench"]:  # the bench tool parses its own flags (incl. --help)
         _setup_logging(True)
@@ -113,10 +130,10 @@ def main(argv: list[str] | None = None) -> int:
         return args.fn(args)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"jtl: error: {e}", file=sys.stderr)
-        return 2
+        return _leave(2, as_program)
     except FloatingPointError as e:  # train.nan_policy=stop
         print(f"jtl: stopped: {e}", file=sys.stderr)
-        return 3
+        return _leave(3, as_program)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@
 * a save into a read-only checkpoints dir ends the process promptly, non-zero.
 """
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -81,3 +82,48 @@ def test_flipped_bytes_in_any_array_file_are_refused_naming_the_file(reference, 
     assert_same(state, load(reference, cfg, step=8)[0])
     with pytest.raises(ckpt.CheckpointError, match=f"{data}: checksum mismatch"):  # init_from, eval
         ckpt.restore_params(run, load(reference, cfg)[0][0], step=12)
+
+
+def _without_root_override():
+    """preexec_fn: as root, give up the capabilities that let root write anywhere
+    (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so file modes apply to the child too."""
+    if os.geteuid() == 0:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        for cap in (1, 2):
+            libc.prctl(24, cap, 0, 0, 0)  # PR_CAPBSET_DROP: gone from the child after exec
+
+
+def _can_write(path) -> bool:
+    probe = subprocess.run([sys.executable, "-c", f"open({str(path / 'probe')!r}, 'w')"],
+                           preexec_fn=_without_root_override, capture_output=True)
+    (path / "probe").unlink(missing_ok=True)
+    return probe.returncode == 0
+
+
+def test_a_failed_save_exits_promptly_and_non_zero(reference, tmp_path):
+    """A read-only checkpoints dir: the save error is printed and the process exits at
+    once with code 2 (it used to wait ~300 s in Orbax's writer threads)."""
+    run = tmp_path / "run"
+    ckdir = run / "checkpoints"
+    ckdir.mkdir(parents=True)
+    ckdir.chmod(0o555)
+    try:
+        if _can_write(ckdir):
+            pytest.skip("chmod does not stop this user from writing")
+        cmd = [sys.executable, "-m", "jtl.cli", "-q", "train", str(REPO / "configs/tiny-mlm.yaml"), *TINY,
+               "train.steps=8", f"run_dir={run}", "checkpoint.enabled=true", "checkpoint.every=4",
+               f"data.tokenizer={reference / 'tokenizer'}"]
+        try:
+            proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+                                  preexec_fn=_without_root_override, capture_output=True, text=True,
+                                  timeout=180)
+        except subprocess.TimeoutExpired as e:
+            err = e.stderr.decode(errors="replace") if isinstance(e.stderr, bytes) else e.stderr
+            raise AssertionError(f"jtl train did not exit after the failed save:\n{err[-3000:]}") from None
+    finally:
+        ckdir.chmod(0o755)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert re.search(f"jtl: error: saving (a checkpoint|step 4) to {re.escape(str(ckdir))} failed: "
+                     f"PermissionError", proc.stderr), proc.stderr[-3000:]
+    assert not ckpt.all_steps(ckdir)
