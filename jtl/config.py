@@ -158,6 +158,8 @@ class TrainConfig:
     patience: int = 0  # early stopping evaluations without improvement; 0 = off
     seed: int = 0
     nan_policy: Literal["stop", "skip"] = "stop"
+    # nan_policy=skip: stop with an error after this many skipped updates in a row; 0 = never
+    max_consecutive_skips: int = 10
     progress: bool = True
 
 
@@ -320,7 +322,7 @@ def validate(cfg: Config) -> None:
         if not lo <= v <= hi:
             raise ConfigError(f"{key} must be in [{lo}, {hi:g}], got {v}")
     for key, v in {"optim.weight_decay": o.weight_decay, "optim.eps": o.eps, "optim.warmup_steps": o.warmup_steps,
-                   "train.steps": t.steps or 0}.items():
+                   "train.steps": t.steps or 0, "train.max_consecutive_skips": t.max_consecutive_skips}.items():
         if v < 0:
             raise ConfigError(f"{key} must be >= 0, got {v}")
     if o.clip_norm is not None and o.clip_norm <= 0:

@@ -51,6 +51,7 @@ class StepLogger:
         self.bar.update(start)
         self.last = {}
         self.skipped = skipped
+        self.skipped_in_a_row = 0
 
     def push(self, step: int, metrics, real_tokens: int, padded_tokens: int):
         if self.pending is not None:
@@ -63,6 +64,21 @@ class StepLogger:
             self.pending = None
         self.bar.close()
 
+    def _skip(self, step, metrics):
+        """train.nan_policy=skip: the step left the state unchanged; say so every time,
+        and stop after train.max_consecutive_skips in a row (the run is not training)."""
+        self.skipped += 1
+        self.skipped_in_a_row += 1
+        limit = self.cfg.train.max_consecutive_skips
+        log.warning("step %d: non-finite loss/gradient (loss=%s, grad_norm=%s): update skipped "
+                    "(%d in a row, %d in this run)", step, float(metrics["loss"]), float(metrics["grad_norm"]),
+                    self.skipped_in_a_row, self.skipped)
+        if limit and self.skipped_in_a_row >= limit:
+            raise FloatingPointError(
+                f"step {step}: {self.skipped_in_a_row} updates in a row skipped as non-finite "
+                f"(train.max_consecutive_skips={limit}); stopping: the model is not training "
+                f"(lower optim.lr, set optim.clip_norm, or check the data)")
+
     def _handle(self, step, metrics, real_tokens, padded_tokens):
         self.window_tokens += real_tokens
         self.window_padded += padded_tokens
@@ -74,7 +90,9 @@ class StepLogger:
                 raise FloatingPointError(f"step {step}: non-finite loss/gradient (loss={loss}, "
                                          f"grad_norm={float(metrics['grad_norm'])}); stopping "
                                          f"(train.nan_policy=skip skips such updates)")
-            self.skipped += 1
+            self._skip(step, metrics)
+        else:
+            self.skipped_in_a_row = 0
         self.bar.update(1)
         if step % self.cfg.train.log_every == 0 or step == self.bar.total:
             m = {k: float(v) for k, v in jax.device_get(metrics).items()}
@@ -192,7 +210,7 @@ def train_loop(cfg: Config, setup: Setup, batches, *, total: int, ckdir: Path, w
                     ckpt.wait(mngr)
                     logger.flush()
                     err = preemption.Preempted(step, str(ckdir))
-                    log.warning("jtl: %s; exiting with code %d", err, preemption.EXIT_PREEMPTED)
+                    log.warning("%s; exiting with code %d", err, preemption.EXIT_PREEMPTED)
                     raise err
                 is_eval = step == total or (evaluation.every and step % evaluation.every == 0)
                 if is_eval:
