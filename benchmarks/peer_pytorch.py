@@ -141,7 +141,7 @@ def compare(preset: str, batch: int, seq: int, rounds: int, steps: int, full_hea
     setup.state = None
 
     def jtl_step():
-        state["s"], m = compiled(state["s"], gbatch)
+        state["s"], m = compiled(state["s"], gbatch, *setup.train_step.bound_args())
         jax.block_until_ready((state["s"], m))
 
     side = TorchSide(cfg, host, full_head)

@@ -208,7 +208,7 @@ def measure(cfg, mesh=None, *, warmup: int = 2, steps: int = 5, host_peak: float
     times = []
     for _ in range(warmup + steps):
         t = time.perf_counter()
-        state, metrics = compiled(state, batch)
+        state, metrics = compiled(state, batch, *setup.train_step.bound_args())
         jax.block_until_ready((state, metrics))
         times.append(time.perf_counter() - t)
     loss = float(metrics["loss"])

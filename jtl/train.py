@@ -11,6 +11,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable
 
+import numpy as np
 import jax
 import jax.numpy as jnp
 import optax
@@ -24,9 +25,11 @@ from jtl.optim import make_tx, schedule, trainable_filter, tree_finite
 from jtl.tasks import TaskSpec, loss_and_outputs, prepare_batch
 
 
-def create_model(cfg: Config, spec: TaskSpec, seed: int | None = None) -> Model:
+def create_model(cfg: Config, spec: TaskSpec, seed=None) -> Model:
+    """``seed``: an int, or a traced integer array (init_state jits one program for all seeds)."""
+    seed = cfg.train.seed if seed is None else seed
     return Model(cfg.model, cfg.task.kind, spec.num_labels, pooling=cfg.task.pooling,
-                 rngs=nnx.Rngs(cfg.train.seed if seed is None else seed))
+                 rngs=nnx.Rngs(seed if isinstance(seed, int) else jax.random.key(seed)))
 
 
 @dataclass
@@ -57,8 +60,8 @@ def abstract_state(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int):
     """(graphdef, abstract state, shardings, create-fn) without allocating anything."""
     tx = make_tx(cfg.optim, total_steps)
 
-    def create():
-        model = create_model(cfg, spec)
+    def create(seed=None):  # seed: a traced value in init_state (one program for every seed)
+        model = create_model(cfg, spec, seed)
         return model, nnx.Optimizer(model, tx, wrt=trainable_filter(cfg.optim))
 
     with S.activate(mesh):
@@ -90,7 +93,7 @@ def init_state(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int,
         if state is not None:
             return graphdef, state, shardings
     with S.activate(mesh):
-        state = jax.jit(lambda: nnx.state(create()), out_shardings=shardings)()
+        state = jax.jit(lambda seed: nnx.state(create(seed)), out_shardings=shardings)(np.uint32(cfg.train.seed))
     if load_params is not None:
         loaded = load_params(target[0])
         flat = dict(state[0].flat_state())
@@ -110,10 +113,10 @@ def _split_micro(x, m: int):
 
 def make_train_step(cfg: Config, spec: TaskSpec, graphdef, total_steps: int):
     lr_fn = schedule(cfg.optim, total_steps)
-    micro, seed, skip_nan = cfg.train.microbatches, cfg.train.seed, cfg.train.nan_policy == "skip"
+    micro, skip_nan = cfg.train.microbatches, cfg.train.nan_policy == "skip"
     trainable = trainable_filter(cfg.optim)
 
-    def train_step(state, batch):
+    def train_step(state, batch, seed):  # seed: traced (train.seed), so seeds share one program
         model, opt = nnx.merge(graphdef, state)
         mdef, params, frozen = nnx.split(model, trainable, ...)  # frozen: optim.freeze (often empty)
         step = opt.step[...]
@@ -183,22 +186,33 @@ def make_eval_step(cfg: Config, spec: TaskSpec, graphdef):
 class InMesh:
     """A jitted function called (and traced) with the mesh and axis rules active.
 
-    The rules are not part of jit's cache key, so each mesh gets its own jit."""
+    The rules are not part of jit's cache key, so each mesh gets its own jit.
+    ``bound``: trailing (value, sharding) arguments every call gets (the train step's
+    seed: an argument, not a constant, so every seed shares one compiled program); they
+    are put on the devices once, and traced as shapes only."""
 
-    def __init__(self, mesh: Mesh, jitted):
-        self.mesh, self.jitted = mesh, jitted
+    def __init__(self, mesh: Mesh, jitted, bound: tuple = ()):
+        self.mesh, self.jitted, self.bound, self._on_device = mesh, jitted, bound, None
+
+    def bound_args(self) -> tuple:
+        if self._on_device is None:
+            self._on_device = tuple(jax.device_put(v, s) for v, s in self.bound)
+        return self._on_device
+
+    def _bound_shapes(self) -> tuple:
+        return tuple(jax.ShapeDtypeStruct(np.shape(v), np.asarray(v).dtype, sharding=s) for v, s in self.bound)
 
     def __call__(self, *args):
         with S.activate(self.mesh):
-            return self.jitted(*args)
+            return self.jitted(*args, *self.bound_args())
 
     def lower(self, *args):
         with S.activate(self.mesh):
-            return self.jitted.lower(*args)
+            return self.jitted.lower(*args, *self._bound_shapes())
 
     def trace(self, *args):
         with S.activate(self.mesh):
-            return self.jitted.trace(*args)
+            return self.jitted.trace(*args, *self._bound_shapes())
 
 
 def jit_train_step(cfg: Config, spec: TaskSpec, mesh, graphdef, shardings, total_steps: int) -> InMesh:
@@ -206,8 +220,9 @@ def jit_train_step(cfg: Config, spec: TaskSpec, mesh, graphdef, shardings, total
     from ``abstract_state``, where nothing is allocated)."""
     repl = NamedSharding(mesh, P())
     step_fn = make_train_step(cfg, spec, graphdef, total_steps)
-    return InMesh(mesh, jax.jit(step_fn, donate_argnums=0, in_shardings=(shardings, None),
-                                out_shardings=(shardings, repl)))
+    return InMesh(mesh, jax.jit(step_fn, donate_argnums=0, in_shardings=(shardings, None, repl),
+                                out_shardings=(shardings, repl)),
+                  bound=((np.uint32(cfg.train.seed), repl),))
 
 
 def build(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int,
