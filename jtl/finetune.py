@@ -195,8 +195,8 @@ def _finetune(cfg: Config, load_params, on_step) -> dict:
     if done is not None:
         return done
     birth.write_run_files(cfg, out_dir)
-    widths = [w for _, w in T.epoch_plan(enc["train"].lengths, buckets, B, 0, False)]
-    flops = train_flops_per_step(cfg.model, B, float(np.mean(widths)), cfg.task.kind)
+    def flops(width: int) -> float:  # each bucketed batch's own width (MFU of short batches)
+        return train_flops_per_step(cfg.model, B, width, cfg.task.kind)
     eval_bs = _eval_batch_size(cfg, mesh)
     val = enc.get("validation")
     evaluation = Evaluation(metric, task.metric_mode(cfg, metric),

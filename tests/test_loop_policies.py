@@ -33,3 +33,31 @@ def test_preemption_message_has_one_prefix(tmp_path, caplog):
         pretrain(make_cfg(tmp_path, "train.steps=6"), on_step=hook)
     said = [r.getMessage() for r in caplog.records if "preempted at step 2" in r.getMessage()]
     assert said and not any(m.startswith("jtl:") for m in said), said  # the log format adds "jtl: "
+
+
+def test_mfu_counts_each_bucketed_batch_at_its_own_width(tmp_path):
+    """MFU over a window = the FLOPs of the batches in it / its time. Counting every step at
+    the epoch's mean width let windows of short buckets exceed 100%; now each step counts
+    its own width. Read back from metrics.jsonl (no timing: mfu x peak x time = FLOPs)."""
+    import json
+
+    from jtl.metrics import peak_flops_per_device, train_flops_per_step
+    from test_finetune import ner_rows, run
+    rows = ner_rows(200, 0) + [{"tokens": r["tokens"] * 3, "ner_tags": r["ner_tags"] * 3}
+                               for r in ner_rows(100, 2)]  # two bucket widths
+    cfg, _ = run(tmp_path, "ner", ["task.kind=token_classification", "data.text_field=tokens",
+                                   "data.label_field=ner_tags", "data.labels=O,B-PER,I-PER,B-LOC,I-LOC",
+                                   "train.steps=12", "train.log_every=1", "data.buckets=[16,32]"],
+                 rows, ner_rows(20, 1))
+    peak = peak_flops_per_device()[0] * 8  # the 8 simulated devices of the mesh
+    B = cfg.train.batch_size
+    widths = set()
+    for line in (cfg.out_dir / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["split"] != "train":
+            continue
+        width = round(r["padded_tokens_per_s"] * r["step_time"] / B)
+        widths.add(width)
+        counted = r["mfu"] * peak * r["step_time"]
+        assert counted == pytest.approx(train_flops_per_step(cfg.model, B, width, cfg.task.kind), rel=1e-6)
+    assert widths == {16, 32}

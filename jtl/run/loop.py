@@ -40,23 +40,28 @@ log = logging.getLogger("jtl")
 class StepLogger:
     """Reads step metrics one step late so the host never waits on the device."""
 
-    def __init__(self, cfg: Config, setup: Setup, writer: MetricWriter, flops_per_step: float,
-                 total: int, start: int, skipped: int = 0):
-        self.cfg, self.writer, self.flops = cfg, writer, flops_per_step
+    def __init__(self, cfg: Config, setup: Setup, writer: MetricWriter, total: int, start: int,
+                 skipped: int = 0):
+        self.cfg, self.writer = cfg, writer
         self.peak, self.peak_source = peak_flops_per_device()
         self.n_dev = setup.mesh.size
         self.pending = None
-        self.window_t, self.window_tokens, self.window_padded, self.window_steps = time.perf_counter(), 0, 0, 0
+        self._new_window()
         self.bar = progress(total, cfg.train.progress)
         self.bar.update(start)
         self.last = {}
         self.skipped = skipped
         self.skipped_in_a_row = 0
 
-    def push(self, step: int, metrics, real_tokens: int, padded_tokens: int):
+    def _new_window(self):
+        self.window_t, self.window_tokens, self.window_padded, self.window_steps = time.perf_counter(), 0, 0, 0
+        self.window_flops = 0.0
+
+    def push(self, step: int, metrics, real_tokens: int, padded_tokens: int, flops: float):
+        """Step ``step`` was dispatched; ``flops``: the model FLOPs of its batch (its shape)."""
         if self.pending is not None:
             self._handle(*self.pending)
-        self.pending = (step, metrics, real_tokens, padded_tokens)
+        self.pending = (step, metrics, real_tokens, padded_tokens, flops)
 
     def flush(self):
         if self.pending is not None:
@@ -79,9 +84,10 @@ class StepLogger:
                 f"(train.max_consecutive_skips={limit}); stopping: the model is not training "
                 f"(lower optim.lr, set optim.clip_norm, or check the data)")
 
-    def _handle(self, step, metrics, real_tokens, padded_tokens):
+    def _handle(self, step, metrics, real_tokens, padded_tokens, flops):
         self.window_tokens += real_tokens
         self.window_padded += padded_tokens
+        self.window_flops += flops
         self.window_steps += 1
         finite = bool(metrics["finite"])
         if not finite:
@@ -99,14 +105,14 @@ class StepLogger:
             dt = time.perf_counter() - self.window_t
             m.update(real_tokens_per_s=self.window_tokens / dt, padded_tokens_per_s=self.window_padded / dt,
                      step_time=dt / self.window_steps,
-                     mfu=self.flops * self.window_steps / dt / (self.peak * self.n_dev),
+                     mfu=self.window_flops / dt / (self.peak * self.n_dev),
                      skipped_updates=self.skipped)
             m.pop("step", None)
             self.writer.write(step, m)
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['real_tokens_per_s']:.0f}",
                                  mfu=f"{m['mfu']:.1%}")
             self.last = m
-            self.window_t, self.window_tokens, self.window_padded, self.window_steps = time.perf_counter(), 0, 0, 0
+            self._new_window()
 
 
 @dataclass
@@ -142,12 +148,14 @@ class Outcome:
 
 
 def train_loop(cfg: Config, setup: Setup, batches, *, total: int, ckdir: Path, writer: MetricWriter,
-               evaluation: Evaluation, flops_per_step: float, resumed=None, restore_best: bool = False,
-               on_step: Callable | None = None) -> Outcome:
+               evaluation: Evaluation, flops_per_step: float | Callable[[int], float], resumed=None,
+               restore_best: bool = False, on_step: Callable | None = None) -> Outcome:
     """Train ``setup`` from ``resumed.step`` (see ``jtl.run.birth``) to ``total``.
 
     ``batches``: an iterator of this process's rows of each global batch (numpy
-    dicts) with ``get_state``/``set_state``. ``restore_best``: leave the best step's
+    dicts) with ``get_state``/``set_state``. ``flops_per_step``: model FLOPs of a step, or a
+    function of the batch's row width (bucketed batches: MFU counts each batch's own
+    width, never an average that short batches would beat). ``restore_best``: leave the best step's
     parameters in ``setup.state`` at the end (fine-tuning). ``on_step(step, guard)`` is
     called after each step (tests and callbacks: ``guard.request()`` stops the run at
     this step as SIGTERM would)."""
@@ -166,8 +174,8 @@ def train_loop(cfg: Config, setup: Setup, batches, *, total: int, ckdir: Path, w
     mngr = ckpt.manager(ckdir, keep=ck.keep, async_save=ck.async_save, keep_every=ck.keep_every,
                         best_metric=evaluation.metric if ck.keep_best and evaluation.run is not None else None,
                         best_mode=evaluation.mode)
-    logger = StepLogger(cfg, setup, writer, flops_per_step, total, start,
-                        skipped=int(meta.get("skipped_updates", 0)))
+    logger = StepLogger(cfg, setup, writer, total, start, skipped=int(meta.get("skipped_updates", 0)))
+    flops_of = flops_per_step if callable(flops_per_step) else (lambda width: flops_per_step)
     every = ck.every if ck.enabled else 0
     state, metrics = setup.state, None
     saved_at = None
@@ -201,7 +209,7 @@ def train_loop(cfg: Config, setup: Setup, batches, *, total: int, ckdir: Path, w
                 out.real_tokens += real
                 out.padded_tokens += padded
                 state, metrics = setup.train_step(state, S.global_batch(setup.mesh, host))
-                logger.push(step, metrics, real, padded)
+                logger.push(step, metrics, real, padded, flops_of(seg.shape[1]))
                 out.step = step
                 if on_step is not None:
                     on_step(step, guard)
