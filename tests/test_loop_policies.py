@@ -61,3 +61,33 @@ def test_mfu_counts_each_bucketed_batch_at_its_own_width(tmp_path):
         counted = r["mfu"] * peak * r["step_time"]
         assert counted == pytest.approx(train_flops_per_step(cfg.model, B, width, cfg.task.kind), rel=1e-6)
     assert widths == {16, 32}
+
+
+@pytest.mark.parametrize("kind", ["mlm", "clm", "classification", "token_classification"])
+def test_counted_flops_never_exceed_the_compiled_steps_flops(kind):
+    """MFU <= 1 needs the FLOPs we count for a step to be at most what its program runs
+    (XLA's cost analysis of the compiled train step), at every bucket width."""
+    import jax
+    import numpy as np
+
+    from helpers import tiny_cfg
+    from jtl import sharding as S
+    from jtl.bench import hlo_flops, synthetic_batch, task_spec
+    from jtl.metrics import train_flops_per_step
+    from jtl.tasks import TaskSpec
+    from jtl.train import build
+    cfg = tiny_cfg(kind, **{"model.max_len": 64})
+    spec = task_spec(cfg) if kind == "mlm" else TaskSpec(num_labels=3)
+    mesh = S.make_mesh((1, 1, 1), jax.devices()[:1])
+    setup = build(cfg, spec, mesh, 10)
+    B = cfg.train.batch_size
+    for width in (16, 32):
+        lm = cfg.replace(**{"data.seq_len": width, "task.kind": kind if kind in ("mlm", "clm") else "mlm"})
+        batch = synthetic_batch(lm)
+        if kind not in ("mlm", "clm"):
+            batch.pop("mlm_eligible")
+            batch["example_weights"] = np.ones((B,), np.float32)
+            batch["labels"] = np.zeros((B, width) if kind == "token_classification" else (B,), np.int32)
+        compiled = setup.train_step.lower(setup.state, S.global_batch(mesh, batch)).compile()
+        counted = train_flops_per_step(cfg.model, B, width, kind, spec.max_predictions)
+        assert 0 < counted <= hlo_flops(compiled), (kind, width)
