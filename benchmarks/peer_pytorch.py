@@ -201,7 +201,6 @@ def main(argv=None) -> int:
 
 
 def write(args, results, jp, tp):
-    peak = max(jp, tp)
     import transformers
     rows = [[r["preset"], r["batch"], r["seq"], r["torch_head"], f"{r['jtl_tokens_per_s']:.0f}",
              f"{r['torch_tokens_per_s']:.0f}",
