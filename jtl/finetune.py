@@ -190,11 +190,10 @@ def _finetune(cfg: Config, load_params, on_step) -> dict:
 
     t_build = time.perf_counter()
     ckdir = out_dir / "checkpoints"
-    setup, resumed = birth.born(cfg, spec, mesh, total, ckdir, load_params)
-    done = birth.finished(cfg, resumed, total, out_dir)
+    setup, resumed, done = birth.begin(cfg, spec, mesh, total, out_dir, load_params)
     if done is not None:
         return done
-    birth.write_run_files(cfg, out_dir)
+
     def flops(width: int) -> float:  # each bucketed batch's own width (MFU of short batches)
         return train_flops_per_step(cfg.model, B, width, cfg.task.kind)
     eval_bs = _eval_batch_size(cfg, mesh)

@@ -92,11 +92,9 @@ def _pretrain(cfg: Config, load_params, on_step) -> dict:
              100 * real / rows["segment_ids"].size, total)
 
     ckdir = out_dir / "checkpoints"
-    setup, resumed = birth.born(cfg, spec, mesh, total, ckdir, load_params)
-    done = birth.finished(cfg, resumed, total, out_dir)
+    setup, resumed, done = birth.begin(cfg, spec, mesh, total, out_dir, load_params)
     if done is not None:
         return done
-    birth.write_run_files(cfg, out_dir)
     it = train_iterator(rows, cfg.train.batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     validate = (lambda: evaluate_lm(setup, val_rows, eval_bs)) if val_rows is not None else None

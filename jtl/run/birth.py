@@ -186,6 +186,16 @@ def finished(cfg: Config, got: Resumed, total_steps: int, out_dir: Path) -> dict
     return json.loads(summary.read_text())
 
 
+def begin(cfg: Config, spec, mesh, total_steps: int, out_dir: Path, load_params=None):
+    """A recipe's start: the model's birth, then (setup, resumed, None) with the run files
+    written, or (setup, resumed, kept summary) when the run is already complete."""
+    setup, resumed = born(cfg, spec, mesh, total_steps, out_dir / "checkpoints", load_params)
+    done = finished(cfg, resumed, total_steps, out_dir)
+    if done is None:
+        write_run_files(cfg, out_dir)
+    return setup, resumed, done
+
+
 def write_run_files(cfg: Config, out_dir: Path) -> None:
     """RUN_DIR/config.yaml (the resolved config, labels included), written by process 0
     once the run's validation and resume have succeeded."""
