@@ -322,9 +322,12 @@ def validate(cfg: Config) -> None:
         if not lo <= v <= hi:
             raise ConfigError(f"{key} must be in [{lo}, {hi:g}], got {v}")
     for key, v in {"optim.weight_decay": o.weight_decay, "optim.eps": o.eps, "optim.warmup_steps": o.warmup_steps,
-                   "train.steps": t.steps or 0, "train.max_consecutive_skips": t.max_consecutive_skips}.items():
+                   "train.max_consecutive_skips": t.max_consecutive_skips}.items():
         if v < 0:
             raise ConfigError(f"{key} must be >= 0, got {v}")
+    if t.steps is not None and t.steps < 1:
+        raise ConfigError(f"train.steps must be >= 1, or null to train for train.epochs; got {t.steps} "
+                          f"(a run always trains: 0 would silently mean 'the preset's epochs')")
     if o.clip_norm is not None and o.clip_norm <= 0:
         raise ConfigError(f"optim.clip_norm must be > 0 or null (no clipping), got {o.clip_norm}")
     if t.steps and o.warmup_steps > t.steps:

@@ -202,7 +202,7 @@ def _finetune(cfg: Config, load_params, on_step) -> dict:
                             (lambda: evaluate(setup, val, eval_bs)) if val is not None else None,
                             cfg.train.eval_every, cfg.train.patience)
     it = T.BucketedBatches(enc["train"], cfg.data, B, cfg.train.seed + cfg.data.seed, resumed.step)
-    writer = MetricWriter(out_dir)
+    writer = MetricWriter(out_dir, fresh=resumed.step == 0)
     try:
         t0 = time.perf_counter()
         out = train_loop(cfg, setup, it, total=total, ckdir=ckdir, writer=writer, evaluation=evaluation,

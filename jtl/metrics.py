@@ -23,6 +23,7 @@ Peak FLOP/s per device: on CPU we measure a float32 matmul with all cores (see
 from __future__ import annotations
 
 import json
+import logging
 import math
 import sys
 import time
@@ -108,9 +109,16 @@ def peak_flops_per_device() -> tuple[float, str]:
 class MetricWriter:
     """JSONL + TensorBoard event files in the run directory; one line per write."""
 
-    def __init__(self, run_dir: Path, tensorboard: bool = True):
+    def __init__(self, run_dir: Path, tensorboard: bool = True, fresh: bool = False):
+        """``fresh``: the run starts at step 0, so an earlier run's metrics.jsonl is moved
+        to metrics.<time>.jsonl (kept, never appended to); a resumed run appends."""
         run_dir.mkdir(parents=True, exist_ok=True)
-        self.jsonl = open(run_dir / "metrics.jsonl", "a", buffering=1)
+        path = run_dir / "metrics.jsonl"
+        if fresh and jax.process_index() == 0 and path.exists() and path.stat().st_size:
+            old = run_dir / f"metrics.{time.strftime('%Y%m%d-%H%M%S')}.jsonl"
+            path.rename(old)
+            logging.getLogger("jtl").info("%s: an earlier run's metrics moved to %s", path, old.name)
+        self.jsonl = open(path, "a", buffering=1)
         self.tb = None
         if tensorboard and jax.process_index() == 0:
             from tensorboardX import SummaryWriter

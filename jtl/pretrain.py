@@ -101,7 +101,7 @@ def _pretrain(cfg: Config, load_params, on_step) -> dict:
     evaluation = Evaluation(metric, task.metric_mode(cfg, metric), validate, cfg.train.eval_every,
                             cfg.train.patience)
     flops = train_flops_per_step(cfg.model, cfg.train.batch_size, cfg.data.seq_len, kind, P)
-    writer = MetricWriter(out_dir)
+    writer = MetricWriter(out_dir, fresh=resumed.step == 0)
     try:
         out = train_loop(cfg, setup, it, total=total, ckdir=ckdir, writer=writer, evaluation=evaluation,
                          flops_per_step=flops, resumed=resumed, on_step=on_step)

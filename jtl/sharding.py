@@ -13,6 +13,7 @@ the same rules, never different code:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 
 import jax
@@ -64,6 +65,10 @@ def mesh_shape(cfg: MeshConfig, n_devices: int) -> tuple[int, int, int]:
 def make_mesh(cfg: MeshConfig | tuple[int, int, int], devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     shape = mesh_shape(cfg, len(devices)) if isinstance(cfg, MeshConfig) else tuple(cfg)
+    if isinstance(cfg, MeshConfig) and math.prod(shape) < len(devices):
+        logging.getLogger("jtl").warning(
+            "mesh data=%d fsdp=%d tensor=%d uses %d of %d devices; %d stay idle (set one axis to -1 "
+            "to use the rest)", *shape, math.prod(shape), len(devices), len(devices) - math.prod(shape))
     # Auto axes: GSPMD propagates shardings; logical constraints are real constraints.
     return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=devices[: math.prod(shape)])

@@ -50,43 +50,62 @@ def _looks_like_hub_name(source: str) -> bool:
     return len(parts) <= 2 and not source.startswith((".", "/")) and not Path(parts[0]).exists()
 
 
+def _utf8(data: bytes, path: Path, line: int | None = None) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        at = line if line is not None else data[:e.start].count(b"\n") + 1
+        where = f"{path}:{at}"
+        raise DataError(f"{where}: not UTF-8 text ({e.reason} at byte {e.start} of the "
+                        f"{'line' if line is not None else 'file'}); re-encode the file as UTF-8") from None
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a UTF-8 text file; a bad byte is an error naming the line."""
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, 1):
+            yield i, _utf8(raw, path, i)
+
+
 def _read_file(path: Path, text_field: str) -> Iterator[Row]:
     suffix = path.suffix
     if suffix == ".txt":
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if line.strip():
-                    yield Row({text_field: line.rstrip("\n")}, f"{path}:{i}")
+        for i, line in _lines(path):
+            if line.strip():
+                yield Row({text_field: line.rstrip("\r\n")}, f"{path}:{i}")
     elif suffix in (".jsonl", ".json"):
-        with open(path, encoding="utf-8") as f:
+        with open(path, "rb") as f:
             first = f.read(1)
-            f.seek(0)
-            if suffix == ".json" and first == "[":
-                try:
-                    rows = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}: not valid JSON: {e}") from None
-                for i, obj in enumerate(rows, 1):
-                    if not isinstance(obj, dict):
-                        raise DataError(f"{path}: item {i} is not a JSON object")
-                    yield Row(obj, f"{path}#{i}")
-                return
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    obj = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise DataError(f"{path}:{i}: not valid JSON ({e.msg}); expected one JSON "
-                                    f"object per line") from None
+        if suffix == ".json" and first == b"[":
+            try:
+                rows = json.loads(_utf8(path.read_bytes(), path))
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: not valid JSON: {e}") from None
+            for i, obj in enumerate(rows, 1):
                 if not isinstance(obj, dict):
-                    raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
-                yield Row(obj, f"{path}:{i}")
+                    raise DataError(f"{path}: item {i} is not a JSON object")
+                yield Row(obj, f"{path}#{i}")
+            return
+        for i, line in _lines(path):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}:{i}: not valid JSON ({e.msg}); expected one JSON "
+                                f"object per line") from None
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{i}: expected a JSON object, got {type(obj).__name__}")
+            yield Row(obj, f"{path}:{i}")
     elif suffix in (".parquet", ".csv", ".tsv"):
         import datasets
         kind = {".parquet": "parquet", ".csv": "csv", ".tsv": "csv"}[suffix]
         kwargs = {"delimiter": "\t"} if suffix == ".tsv" else {}
-        ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
+        try:
+            ds = datasets.load_dataset(kind, data_files=str(path), split="train", **kwargs)
+        except Exception as e:  # malformed CSV, bad Parquet footer, bad encoding...
+            msg = " ".join(str(e).split())[:400]
+            raise DataError(f"{path}: could not read it as {suffix[1:].upper()}: {type(e).__name__}: {msg}") from None
         for i, obj in enumerate(ds, 1):
             yield Row(obj, f"{path}#{i}")
     else:

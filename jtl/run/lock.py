@@ -50,11 +50,11 @@ def acquire(run_dir: Path) -> Path | None:
     if jax.process_index() != 0:
         return None
     run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / NAME
     me = {"pid": os.getpid(), "host": socket.gethostname()}
     for _ in range(2):
         try:
+            run_dir.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
             held = _holder(path)
@@ -66,6 +66,9 @@ def acquire(run_dir: Path) -> Path | None:
             raise RunLocked(f"run_dir={run_dir} is in use by {who} ({path}); two runs writing one run "
                             f"directory would overwrite each other. Wait for it, use another run_dir, or "
                             f"delete {path} if that process is gone")
+        except OSError as e:  # read-only disk or parent, no permission, not a directory...
+            raise ConfigError(f"run_dir={run_dir}: cannot write there ({e.strerror}: {e.filename}); "
+                              f"choose a writable run_dir") from None
         with os.fdopen(fd, "w") as f:
             json.dump(me, f)
         return path

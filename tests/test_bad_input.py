@@ -1,0 +1,73 @@
+"""Bad files and run directories end in one clear error naming the path (and line)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from jtl import config as C
+from jtl.config import ConfigError
+from jtl.data.sources import DataError, read_rows
+
+
+@pytest.mark.parametrize("suffix", [".jsonl", ".txt", ".json"])
+def test_non_utf8_bytes_name_the_file_and_line(tmp_path, suffix):
+    good = '{"text": "fine", "label": 0}' if suffix != ".txt" else "fine"
+    bad = '{"text": "caf\xe9", "label": 1}' if suffix != ".txt" else "caf\xe9"
+    if suffix == ".json":
+        body = ("[\n" + good + ",\n" + bad + "\n]\n").encode("latin-1")
+    else:
+        body = (good + "\n" + good + "\n" + bad + "\n").encode("latin-1")  # é as one latin-1 byte
+    path = tmp_path / f"rows{suffix}"
+    path.write_bytes(body)
+    line = 3
+    with pytest.raises(DataError, match=rf"rows\{suffix}:{line}: not UTF-8 text"):
+        read_rows(str(path))
+
+
+def test_malformed_csv_names_the_file(tmp_path):
+    path = tmp_path / "rows.csv"
+    path.write_text("text,label\nfine,0\n\"unterminated,1\nx,1,2,3,4\n")
+    with pytest.raises(DataError, match=r"rows\.csv: could not read it as CSV"):
+        read_rows(str(path))
+
+
+def test_unwritable_run_dir_is_a_config_error_naming_it(tmp_path):
+    from jtl.run.lock import run_lock
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match=r"run_dir=.*file/run: cannot write there"):
+        with run_lock(blocker / "run"):
+            pass
+
+
+def test_train_steps_zero_is_refused():
+    with pytest.raises(ConfigError, match="train.steps must be >= 1"):
+        C.validate(C.Config().replace(**{"train.steps": 0}))
+    C.validate(C.Config().replace(**{"train.steps": None}))  # null: train.epochs decides
+
+
+def test_a_fresh_run_does_not_append_to_an_old_metrics_file(tmp_path):
+    from jtl.metrics import MetricWriter
+    w = MetricWriter(tmp_path, tensorboard=False)
+    w.write(1, {"loss": 2.0})
+    w.close()
+    w = MetricWriter(tmp_path, tensorboard=False)  # resumed: appends
+    w.write(2, {"loss": 1.5})
+    w.close()
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    w = MetricWriter(tmp_path, tensorboard=False, fresh=True)  # starts at step 0: old file kept aside
+    w.write(1, {"loss": 3.0})
+    w.close()
+    assert [json.loads(x)["step"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [1]
+    old = [p for p in tmp_path.glob("metrics.*.jsonl")]
+    assert len(old) == 1 and len(old[0].read_text().splitlines()) == 2
+
+
+def test_a_mesh_smaller_than_the_machine_says_so(caplog):
+    from jtl import sharding as S
+    from jtl.config import MeshConfig
+    with caplog.at_level("WARNING", logger="jtl"):
+        mesh = S.make_mesh(MeshConfig(data=3, fsdp=1, tensor=1))
+    assert mesh.size == 3
+    assert "uses 3 of 8 devices; 5 stay idle" in caplog.text
