@@ -246,7 +246,12 @@ def _has_labels(rows: list[Row], cfg: Config) -> bool:
 
 def load_run(run_dir: str | Path, config_path: str | None = None, overrides=()):
     """(cfg, tokenizer, Setup with the best parameters) of a finished fine-tuning run."""
-    return birth.from_run(run_dir, config_path, overrides)
+    cfg, tok, setup = birth.from_run(run_dir, config_path, overrides)
+    if get_task(cfg.task.kind).pretraining:
+        raise ConfigError(f"{run_dir} is a task.kind={cfg.task.kind} pretraining run: jtl eval and jtl predict "
+                          f"take fine-tuned runs (its validation loss is in {run_dir}/summary.json; fine-tune "
+                          f"it with model.init_from={run_dir})")
+    return cfg, tok, setup
 
 
 def evaluate_run(run_dir, config_path=None, overrides=(), split: str = "validation") -> dict:

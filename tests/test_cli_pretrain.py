@@ -17,7 +17,7 @@ def losses(run_dir):
 
 
 @pytest.mark.parametrize("preset,steps", [("tiny-mlm", 60), ("tiny-clm", 40)])
-def test_loss_goes_down(tmp_path, repo, preset, steps, monkeypatch):
+def test_loss_goes_down(tmp_path, repo, preset, steps, monkeypatch, capsys):
     monkeypatch.chdir(repo)
     run = tmp_path / "run"
     assert main(["train", preset, f"run_dir={run}", f"train.steps={steps}", *SMALL]) == 0
@@ -29,6 +29,9 @@ def test_loss_goes_down(tmp_path, repo, preset, steps, monkeypatch):
     assert (run / "tokenizer" / "tokenizer.json").exists()
     assert (run / "checkpoints" / str(steps)).is_dir()
     assert list((run / "tb").iterdir())  # TensorBoard events
+    # jtl eval takes fine-tuned runs: a pretraining run is refused saying what it is.
+    assert main(["eval", str(run)]) == 2
+    assert "pretraining run" in capsys.readouterr().err
 
 
 def test_bad_config_exit_code_and_message(tmp_path, capsys, repo, monkeypatch):
