@@ -71,3 +71,27 @@ def test_a_mesh_smaller_than_the_machine_says_so(caplog):
         mesh = S.make_mesh(MeshConfig(data=3, fsdp=1, tensor=1))
     assert mesh.size == 3
     assert "uses 3 of 8 devices; 5 stay idle" in caplog.text
+
+
+def test_same_config_and_seed_give_the_same_run_in_fresh_processes(tmp_path, repo):
+    """Two fresh processes (different hash seeds), each training its own tokenizer:
+    identical tokenizers and identical per-step losses."""
+    import os
+    import subprocess
+    import sys
+    runs = []
+    for hash_seed in ("1", "2"):
+        run = tmp_path / f"run{hash_seed}"
+        cmd = [sys.executable, "-m", "jtl.cli", "-q", "train", "tiny-mlm", f"run_dir={run}",
+               "model.hidden=32", "model.layers=1", "model.heads=2", "model.mlp=64", "model.vocab_size=512",
+               "data.tokenizer_vocab=500", "data.seq_len=32", "model.max_len=32", "train.batch_size=16",
+               "data.max_examples=800", "train.steps=4", "train.log_every=1", "train.progress=false"]
+        env = {**os.environ, "PYTHONHASHSEED": hash_seed}
+        done = subprocess.run(cmd, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs.append(run)
+    vocab = [json.loads((r / "tokenizer" / "tokenizer.json").read_text())["model"]["vocab"] for r in runs]
+    assert vocab[0] == vocab[1]
+    losses = [[m["loss"] for m in map(json.loads, (r / "metrics.jsonl").read_text().splitlines())
+               if m["split"] == "train"] for r in runs]
+    assert len(losses[0]) == 4 and losses[0] == losses[1]
