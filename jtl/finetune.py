@@ -136,7 +136,7 @@ def prepare(cfg: Config):
         raise ConfigError("data.train is required (file, folder, glob or HF dataset name)")
     cfg = birth.resolve(cfg)
     rows = {s: read_split(cfg, s) for s in SPLITS}
-    labels = T.infer_labels(rows["train"], cfg)
+    labels = T.infer_labels(rows["train"], cfg, get_task(cfg.task.kind).labels_from_data)
     if labels is not None and labels != cfg.data.labels:
         log.info("labels (%d): %s", len(labels), ", ".join(labels[:20]))
         cfg = cfg.replace(**{"data.labels": list(labels)})

@@ -79,6 +79,6 @@ def test_label_one_as_text_and_as_int_is_one_label():
     from jtl.data.tasks import infer_labels
     rows = [Row({"text": "a", "label": v}, f"f:{i}") for i, v in enumerate([0, 1, "1", 1, 0, 10, 2])]
     cfg = config.load(None, ["task.kind=classification"])
-    assert infer_labels(rows, cfg) == ("0", "1", "2", "10")
+    assert infer_labels(rows, cfg, "value") == ("0", "1", "2", "10")
     rows = [Row({"text": "a", "label": v}, f"f:{i}") for i, v in enumerate(["pos", "neg", "pos"])]
-    assert infer_labels(rows, cfg) == ("neg", "pos")
+    assert infer_labels(rows, cfg, "value") == ("neg", "pos")

@@ -272,14 +272,13 @@ def test_bad_data_errors_name_file_and_row(tmp_path):
 
 
 def test_overlong_inputs_are_truncated_and_counted(tmp_path):
-    from jtl.data.tasks import encode
-    from jtl.finetune import prepare
+    from jtl.finetune import encode_split, prepare
     rows = cls_rows(40, 0)
     rows[0]["text"] = " ".join(["apple"] * 100)
     cfg = C.load(None, TINY + [f"data.train={write_jsonl(tmp_path / 'train.jsonl', rows)}",
                                "task.kind=classification", f"run_dir={tmp_path / 'run'}"])
     cfg, tok, data = prepare(cfg)
-    enc = encode(data["train"], cfg, tok, cfg.data.labels)
+    enc = encode_split(cfg, data["train"], tok)
     assert enc.truncated == 1
     assert enc.lengths.max() == cfg.data.seq_len
     assert enc.arrays["input_ids"][0, -1] == tok.sep_token_id  # still ends with [SEP]

@@ -53,11 +53,10 @@ def _label_key(value) -> str:
     return str(value)
 
 
-def infer_labels(rows: list[Row], cfg: Config) -> tuple[str, ...] | None:
+def infer_labels(rows: list[Row], cfg: Config, how: str | None) -> tuple[str, ...] | None:
     """The label list: ``data.labels`` if set, else the sorted set of training labels
-    (numerically when all are integers), as strings."""
-    from jtl.tasks import get
-    how = get(cfg.task.kind).labels_from_data
+    (numerically when all are integers), as strings. ``how``: the task's
+    ``labels_from_data`` ("value", "list", or None for tasks without labels)."""
     if how is None:
         return None
     if cfg.data.labels:
@@ -137,14 +136,6 @@ def base_arrays(ids, types, seq_len, pad_id):
     if types is not None:
         arrays["token_type_ids"] = pad(types, seq_len, 0)
     return arrays, lengths
-
-
-def encode(rows: list[Row], cfg: Config, tok, labels: tuple[str, ...] | None, *,
-           with_labels: bool = True) -> Encoded:
-    """Encode rows for ``cfg.task.kind`` (the task's ``encode``); ``with_labels=False``
-    for prediction input."""
-    from jtl.tasks import get
-    return get(cfg.task.kind).encode(rows, cfg, tok, labels, with_labels=with_labels)
 
 
 def _tokenize_texts(tok, first, second, seq_len):
