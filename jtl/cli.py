@@ -1,4 +1,4 @@
-"""``jtl`` command line: train | eval | predict | export | bench | show-config."""
+"""``jtl`` command line: train | eval | predict | export | generate | bench | show-config."""
 from __future__ import annotations
 
 import argparse
@@ -63,6 +63,27 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_generate(args) -> int:
+    from jtl.config import ConfigError
+    from jtl.generate import generate_file, load
+    if (args.prompt is None) == (args.input is None):
+        raise ConfigError("jtl generate: give either --prompt TEXT or --input rows.jsonl --output out.jsonl")
+    if args.input is not None and not args.output:
+        raise ConfigError("jtl generate --input needs --output")
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+              top_p=args.top_p, seed=args.seed, stop=args.stop or (), batch_size=args.batch_size)
+    if args.no_eos:
+        kw["eos"] = []
+    gen = load(args.source, overrides=args.overrides)
+    if args.prompt is not None:  # streamed to the console as the tokens come
+        gen.generate([args.prompt], chat=args.chat, on_text=lambda _, piece: print(piece, end="", flush=True), **kw)
+        print()
+        return 0
+    n = generate_file(gen, args.input, args.output, chat=args.chat, **kw)
+    print(f"wrote {n} completions to {args.output}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     from jtl.bench import main as bench_main
     return bench_main(args.rest)
@@ -112,6 +133,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run")
     p.add_argument("out")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("generate", help="jtl generate RUN_DIR|WEIGHTS (--prompt TEXT | --input rows.jsonl "
+                                        "--output out.jsonl) [--max-new-tokens N] [--temperature T ...]")
+    p.add_argument("source", help="a jtl run dir, a Hugging Face folder, a .gguf file or a hub name")
+    p.add_argument("overrides", nargs="*", help="key=value config items (mesh.tensor=2, model.dtype=bfloat16)")
+    p.add_argument("--prompt", help="one prompt; the completion is streamed to the console")
+    p.add_argument("--input", help="JSONL rows with a \"prompt\" string or chat \"messages\"")
+    p.add_argument("--output", help="JSONL: each input row with a \"completion\" added")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-k", type=int, default=0, help="0 = off")
+    p.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop", action="append", help="stop string (repeatable); not part of the completion")
+    p.add_argument("--no-eos", action="store_true", help="do not stop at the model's EOS token")
+    p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
+    p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("bench", help="throughput/MFU/memory benchmarks (jtl bench --help)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)

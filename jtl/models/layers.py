@@ -120,3 +120,26 @@ def attention(q_BSHD, k_BSKD, v_BSKD, mask_B1SS, *, dropout_rate=0.0, rng=None):
     probs = dropout(probs, dropout_rate, rng)
     out = jnp.einsum("bkgqt,btkd->bqkgd", probs, v_BSKD)
     return out.reshape(b, s, h, d)
+
+
+# ------------------------------------------------------------------ KV cache (generation)
+# A cache is one fixed-size buffer per layer, [B, T, kv_heads, head_dim], shared slot
+# numbering across the batch: prompts are left-padded, so row b's real tokens start at
+# slot ``start[b]`` and every row writes its next token at the same slot. Training never
+# builds a cache; these helpers only run when ``transformer.block`` is given one.
+
+
+def cache_mask(start_B, first_slot, s: int, t: int):
+    """[B, 1, S, T] bool for S queries at cache slots ``first_slot``.. over T slots.
+
+    A query sees keys at slots <= its own (causal) that are not left padding
+    (slot >= ``start[b]``); slots not written yet are always in its future."""
+    q_slot = first_slot + jnp.arange(s)
+    k_slot = jnp.arange(t)
+    mask = (k_slot[None, None, :] <= q_slot[None, :, None]) & (k_slot[None, None, :] >= start_B[:, None, None])
+    return mask[:, None]
+
+
+def write_cache(cache_BTKD, new_BSKD, index):
+    """The cache with ``new`` written at slots index..index+S-1 (a fixed-shape update)."""
+    return jax.lax.dynamic_update_slice_in_dim(cache_BTKD, new_BSKD.astype(cache_BTKD.dtype), index, axis=1)

@@ -23,6 +23,7 @@ from jtl.models import layers as L
 from jtl.sharding import constrain
 
 ACT = ("batch", "length", "embed")
+CACHE = ("layers", "batch", "length", "kv_heads", "head_dim")  # generation's KV cache
 
 
 def is_pre_ln(cfg: ModelConfig) -> bool:
@@ -103,8 +104,12 @@ class Layers(nnx.Module):
         return {k: v[...] for k, v in vars(self).items() if isinstance(v, nnx.Param)}
 
 
-def block(cfg: ModelConfig, p: dict, x, mask, positions, rng):
-    """One transformer layer on x [B, S, D] with this layer's params ``p``."""
+def block(cfg: ModelConfig, p: dict, x, mask, positions, rng, kv_cache=None):
+    """One transformer layer on x [B, S, D] with this layer's params ``p``.
+
+    ``kv_cache`` (generation only): this layer's (k [B, T, K, D], v, index). The new keys
+    and values are written at slots index..index+S-1, attention runs over all T slots
+    (``mask`` is then [B, 1, S, T]) and the block returns (x, (k_new, v_new))."""
     dtype = x.dtype
     rngs = jax.random.split(rng, 4) if rng is not None else [None] * 4
     pre = is_pre_ln(cfg)
@@ -115,6 +120,10 @@ def block(cfg: ModelConfig, p: dict, x, mask, positions, rng):
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     if uses_rope(cfg):
         q, k = L.rope(q, positions, cfg.rope_theta), L.rope(k, positions, cfg.rope_theta)
+    if kv_cache is not None:
+        cache_k, cache_v, index = kv_cache
+        new_kv = (k, v)
+        k, v = L.write_cache(cache_k, k, index), L.write_cache(cache_v, v, index)
     o = L.attention(q, k, v, mask, dropout_rate=cfg.attention_dropout, rng=rngs[0])
     o = jax.lax.dot_general(o, p["o_w"].astype(dtype), (((2, 3), (1, 2)), ((), ())))
     if "o_b" in p:
@@ -131,7 +140,7 @@ def block(cfg: ModelConfig, p: dict, x, mask, positions, rng):
     x = x + constrain(L.dropout(down, cfg.dropout, rngs[2]), ACT)
     if not pre:
         x = L.norm(x, p, "mlp_norm", cfg.norm_eps)
-    return x
+    return x if kv_cache is None else (x, new_kv)
 
 
 REMAT_POLICIES = {
@@ -181,8 +190,39 @@ class Backbone(nnx.Module):
         else:
             for i in range(cfg.layers):
                 x, _ = body(x, (jax.tree.map(lambda a: a[i], params), idx[i]))
+        return self.final_norm(cfg, x)
+
+    def final_norm(self, cfg: ModelConfig, x):
         if hasattr(self, "final_norm_scale"):
             bias = self.final_norm_bias[...] if hasattr(self, "final_norm_bias") else None
             x = (L.layer_norm(x, self.final_norm_scale[...], bias, cfg.norm_eps) if bias is not None
                  else L.rms_norm(x, self.final_norm_scale[...], cfg.norm_eps))
         return x
+
+    def decode(self, cfg: ModelConfig, input_ids, positions, mask, cache: dict, index):
+        """Generation with a KV cache (no dropout): input_ids [B, S] at cache slots
+        index..index+S-1 -> (hidden [B, S, D], cache with their keys and values written).
+
+        ``cache`` holds ``k`` and ``v``, each [layers, B, T, kv_heads, head_dim]; ``mask``
+        [B, 1, S, T] comes from ``layers.cache_mask``; ``positions`` [B, S] count from each
+        row's first real token. Each layer reads its cache slice and returns only the new
+        entries, which are written into the stacked cache once (in place in a loop)."""
+        x = self.embed(cfg, input_ids, positions, None, None)
+        params = self.layers.arrays()
+
+        def body(x, inputs):
+            p, ck, cv = inputs
+            return block(cfg, p, x, mask, positions, None, (ck, cv, index))
+
+        if cfg.scan_layers:
+            x, (k_new, v_new) = jax.lax.scan(body, x, (params, cache["k"], cache["v"]))
+        else:
+            outs = []
+            for i in range(cfg.layers):
+                x, kv = body(x, (jax.tree.map(lambda a: a[i], params), cache["k"][i], cache["v"][i]))
+                outs.append(kv)
+            k_new, v_new = (jnp.stack(t) for t in zip(*outs))
+        at = (0, 0, index, 0, 0)
+        cache = {n: constrain(jax.lax.dynamic_update_slice(cache[n], new.astype(cache[n].dtype), at), CACHE)
+                 for n, new in (("k", k_new), ("v", v_new))}
+        return self.final_norm(cfg, x), cache
