@@ -300,12 +300,14 @@ def valid_steps(ckdir: Path, warn: bool = True) -> list[int]:
 
 def set_aside(ckdir: Path) -> Path | None:
     """Move existing checkpoints out of the way for a fresh start (nothing is deleted)."""
+    from jtl.run.distributed import barrier
     ckdir = Path(ckdir)
-    if not all_steps(ckdir):
-        return None
-    dest = ckdir.with_name(f"{ckdir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
-    ckdir.rename(dest)
-    log.warning("checkpoint.resume=false: moved the existing checkpoints to %s", dest)
+    dest = None
+    if all_steps(ckdir) and jax.process_index() == 0:
+        dest = ckdir.with_name(f"{ckdir.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
+        ckdir.rename(dest)
+        log.warning("checkpoint.resume=false: moved the existing checkpoints to %s", dest)
+    barrier("jtl-set-aside")  # nobody looks for checkpoints before they are gone
     return dest
 
 
@@ -420,9 +422,11 @@ def resume(path: str | Path, abstract_state, cfg_dict: dict, step: int | None = 
             if not all_finite(state):
                 raise CheckpointError("it holds non-finite parameters or optimizer state")
             meta = read_item(ckdir, s, "meta")
-            if set_aside_damaged:
+            if set_aside_damaged and damaged:
+                from jtl.run.distributed import barrier
                 for bad_step in damaged:
-                    set_aside_step(ckdir, bad_step)
+                    set_aside_step(ckdir, bad_step)  # process 0 moves; the others wait for it
+                barrier("jtl-set-aside-damaged")
             return state, data_state, s, meta
         except IncompatibleCheckpoint:
             raise  # another model: an older step of the same run would not fit either

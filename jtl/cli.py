@@ -21,6 +21,8 @@ def cmd_train(args) -> int:
     from jtl import config
     from jtl.tasks import get as get_task
     cfg = config.load(args.config, args.overrides)
+    from jtl.run import distributed
+    distributed.start(cfg.distributed)  # before any other JAX call; a no-op for one process
     if args.seeds:
         from jtl.run.seeds import parse_seeds, run_seeds
         print(json.dumps(run_seeds(cfg, parse_seeds(args.seeds)), indent=2, default=float))
@@ -31,7 +33,8 @@ def cmd_train(args) -> int:
     else:
         from jtl.finetune import finetune
         summary = finetune(cfg)
-    print(json.dumps(summary, indent=2, default=float))
+    if distributed.is_primary():
+        print(json.dumps(summary, indent=2, default=float))
     return 0
 
 
@@ -63,6 +66,11 @@ def cmd_export(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    from jtl.run.launch import main as launch_main
+    return launch_main(args.rest)
+
+
 def cmd_generate(args) -> int:
     from jtl.config import ConfigError
     from jtl.generate import generate_file, load
@@ -89,10 +97,14 @@ def cmd_bench(args) -> int:
     return bench_main(args.rest)
 
 
-def _leave(code: int, as_program: bool) -> int:
+def _leave(code: int, as_program: bool, multi_process: bool = False) -> int:
     """``code``; when ``main`` is the program and it failed, exit at once if background
     threads would keep the process alive (after a failed checkpoint save, Orbax's
-    writer threads wait ~300 s for a step directory that will never appear)."""
+    writer threads wait ~300 s for a step directory that will never appear) or if the
+    run is multi-process (JAX's shutdown barrier would wait for peers still training)."""
+    if as_program and code and multi_process:
+        from jtl.run.distributed import fail_fast
+        fail_fast(code)
     lingering = [t for t in threading.enumerate()
                  if t is not threading.main_thread() and t.is_alive() and not t.daemon]
     if as_program and code and lingering:
@@ -133,6 +145,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("run")
     p.add_argument("out")
     p.set_defaults(fn=cmd_export)
+    p = sub.add_parser("launch", help="N local processes of one multi-process run: jtl launch "
+                                      "--processes N [--devices-per-process D] -- train CONFIG ...")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_launch)
     p = sub.add_parser("generate", help="jtl generate RUN_DIR|WEIGHTS (--prompt TEXT | --input rows.jsonl "
                                         "--output out.jsonl) [--max-new-tokens N] [--temperature T ...]")
     p.add_argument("source", help="a jtl run dir, a Hugging Face folder, a .gguf file or a hub name")
@@ -155,6 +171,13 @@ def main(argv: list[str] | None = None) -> int:
     p.set_defaults(fn=cmd_bench)
     as_program = argv is None  # `jtl ...` / `python -m jtl.cli`, not a call from Python
     argv = sys.argv[1:] if argv is None else argv
+    lead = [a for a in argv[:2] if a in ("-q", "--quiet")]
+    if argv[len(lead):len(lead) + 1] == ["launch"]:  # own flags; everything after -- is the command
+        from jtl.run.launch import main as launch_main
+        rest = argv[len(lead) + 1:]
+        if lead and "--" in rest:  # jtl -q launch ... -- train ...: the processes are quiet too
+            rest.insert(rest.index("--") + 1, "-q")
+        return launch_main(rest)
     if argv[:1] == ["bench"]:  # the bench tool parses its own flags (incl. --help)
         _setup_logging(True)
         from jtl.bench import main as bench_main
@@ -164,14 +187,20 @@ def main(argv: list[str] | None = None) -> int:
     from jtl.config import ConfigError
     from jtl.checkpoint import CheckpointError
     from jtl.data.sources import DataError
+    from jtl.run import distributed
     try:
         return args.fn(args)
     except (ConfigError, DataError, CheckpointError) as e:
         print(f"jtl: error: {e}", file=sys.stderr)
-        return _leave(2, as_program)
+        return _leave(2, as_program, distributed.multi_process())
     except FloatingPointError as e:  # train.nan_policy=stop
         print(f"jtl: stopped: {e}", file=sys.stderr)
-        return _leave(3, as_program)
+        return _leave(3, as_program, distributed.multi_process())
+    except Exception as e:
+        if not distributed.multi_process():
+            raise
+        distributed.report(e)  # a peer process must not wait in JAX's shutdown barrier for us
+        return _leave(1, as_program, True)
 
 
 if __name__ == "__main__":

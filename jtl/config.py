@@ -177,6 +177,21 @@ class CheckpointConfig:
 
 
 @dataclass(frozen=True)
+class DistributedConfig:
+    """Multi-process runs (``jtl.run.distributed``): one process per host (TPU VM, GPU node)."""
+    # null (auto): start jax.distributed when the environment says the run has several
+    # processes (JTL_* / JAX_COORDINATOR_ADDRESS variables, Slurm, Open MPI, Cloud TPU pod
+    # slices); true: always (e.g. Kubernetes with jax[k8s]); false: never (one process).
+    enabled: bool | None = None
+    coordinator: str | None = None  # host:port of process 0; default $JTL_COORDINATOR
+    num_processes: int | None = None  # default $JTL_NUM_PROCESSES, or detected
+    process_id: int | None = None  # default $JTL_PROCESS_ID, or detected
+    initialization_timeout: int = 120  # s to wait for every process to join
+    heartbeat_timeout: int = 30  # s without a heartbeat before a process counts as dead
+    shutdown_timeout: int = 60  # s the exit barrier waits for the others
+
+
+@dataclass(frozen=True)
 class Config:
     name: str = "run"
     run_dir: str | None = None  # None = runs/<name>
@@ -187,6 +202,7 @@ class Config:
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     @property
     def out_dir(self) -> Path:
@@ -350,6 +366,15 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"{key} must be a positive size or -1 (the rest), got {size}")
     if sum(s == -1 for s in (cfg.mesh.data, cfg.mesh.fsdp, cfg.mesh.tensor)) > 1:
         raise ConfigError("at most one of mesh.data, mesh.fsdp, mesh.tensor may be -1")
+    dist = cfg.distributed
+    for key in ("initialization_timeout", "heartbeat_timeout", "shutdown_timeout"):
+        if getattr(dist, key) < 1:
+            raise ConfigError(f"distributed.{key} must be >= 1 second, got {getattr(dist, key)}")
+    if dist.num_processes is not None and dist.num_processes < 1:
+        raise ConfigError(f"distributed.num_processes must be >= 1, got {dist.num_processes}")
+    if dist.process_id is not None and not 0 <= dist.process_id < (dist.num_processes or dist.process_id + 1):
+        raise ConfigError(f"distributed.process_id={dist.process_id} must be in [0, "
+                          f"distributed.num_processes={dist.num_processes})")
     if list(d.buckets) != sorted(set(d.buckets)) or (d.buckets and d.buckets[-1] > d.seq_len):
         raise ConfigError(f"data.buckets={list(d.buckets)} must be increasing and <= "
                           f"data.seq_len={d.seq_len}")

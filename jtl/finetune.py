@@ -28,7 +28,6 @@ from jtl import sharding as S
 from jtl.config import Config, ConfigError
 from jtl.data import fewshot
 from jtl.data import tasks as T
-from jtl.data.pipeline import process_rows
 from jtl.data.sources import DataError, Row, read_rows
 from jtl.metrics import MetricWriter, train_flops_per_step
 from jtl.run import birth
@@ -84,8 +83,7 @@ def run_model(setup: Setup, enc: T.Encoded, batch_size: int) -> tuple[np.ndarray
     out_logits = None
     loss_sum = count = 0.0
     for idx, width in T.eval_plan(enc, setup.cfg.data, batch_size):
-        batch = T.take(enc, idx, width, batch_size)
-        out = setup.eval_step(setup.state, S.global_batch(setup.mesh, process_rows(batch)))
+        out = setup.eval_step(setup.state, S.global_batch(setup.mesh, T.take_share(enc, idx, width, batch_size)))
         if jax.process_count() > 1:  # logits are sharded over hosts: gather them everywhere
             from jax.experimental import multihost_utils
             out = multihost_utils.process_allgather(out, tiled=True)

@@ -100,7 +100,8 @@ def _pretrain(cfg: Config, load_params, on_step) -> dict:
     validate = (lambda: evaluate_lm(setup, val_rows, eval_bs)) if val_rows is not None else None
     evaluation = Evaluation(metric, task.metric_mode(cfg, metric), validate, cfg.train.eval_every,
                             cfg.train.patience)
-    flops = train_flops_per_step(cfg.model, cfg.train.batch_size, cfg.data.seq_len, kind, P)
+    def flops(width: int) -> float:  # packed rows: every batch is seq_len wide
+        return train_flops_per_step(cfg.model, cfg.train.batch_size, width, kind, P)
     writer = MetricWriter(out_dir, fresh=resumed.step == 0)
     try:
         out = train_loop(cfg, setup, it, total=total, ckdir=ckdir, writer=writer, evaluation=evaluation,

@@ -122,6 +122,7 @@ def make_train_step(cfg: Config, spec: TaskSpec, graphdef, total_steps: int):
         step = opt.step[...]
         rng = jax.random.fold_in(jax.random.key(seed), step)
         mask_rng, rng = jax.random.split(rng)
+        real_tokens = jnp.sum(batch["segment_ids"] > 0, dtype=jnp.int32)  # of the global batch
         batch = prepare_batch(cfg, spec, batch, mask_rng)
 
         def loss_fn(p, mb, r):
@@ -161,7 +162,8 @@ def make_train_step(cfg: Config, spec: TaskSpec, graphdef, total_steps: int):
             o2.step.set_value(step + 1)
             new = nnx.state((m2, o2))
         metrics = {"loss": loss, "grad_norm": grad_norm, "lr": lr_fn(step), "tokens": count,
-                   "accuracy": correct / jnp.maximum(scored, 1.0), "finite": finite, "step": step + 1}
+                   "accuracy": correct / jnp.maximum(scored, 1.0), "finite": finite, "step": step + 1,
+                   "real_tokens": real_tokens}
         return new, metrics
 
     return train_step

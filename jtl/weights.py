@@ -23,7 +23,7 @@ from pathlib import Path
 
 import yaml
 
-from jtl.config import Config, ModelConfig
+from jtl.config import Config, ConfigError, ModelConfig
 from jtl.convert import hf as H
 from jtl.convert.sources import GGUFSource, SafetensorsSource, WeightsError, gguf_metadata
 
@@ -102,7 +102,20 @@ def resolve_config(cfg: Config) -> Config:
     if changed:
         log.info("model fields from %s: %s", cfg.model.init_from,
                  ", ".join(f"{k}={v}" for k, v in changed.items()))
-    return cfg.replace(**{f"model.{k}": v for k, v in fields.items()})
+    try:
+        return cfg.replace(**{f"model.{k}": v for k, v in fields.items()})
+    except ConfigError as e:  # the source's own config is inconsistent: not the user's keys
+        where = _config_file(cfg.model.init_from)
+        raise ConfigError(f"model.init_from={cfg.model.init_from}: the architecture in {where} does not "
+                          f"form a valid model ({', '.join(f'{k}={v}' for k, v in changed.items())}): "
+                          f"{e}; the file is inconsistent (check it against the weights)") from None
+
+
+def _config_file(init_from: str) -> str:
+    p = local_path(init_from)
+    if p.is_dir() and (p / "config.json").is_file():
+        return str(p / "config.json")
+    return str(p) + (" (GGUF metadata)" if str(p).endswith(".gguf") else "")
 
 
 def params_loader(cfg: Config):

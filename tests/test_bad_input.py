@@ -95,3 +95,37 @@ def test_same_config_and_seed_give_the_same_run_in_fresh_processes(tmp_path, rep
     losses = [[m["loss"] for m in map(json.loads, (r / "metrics.jsonl").read_text().splitlines())
                if m["split"] == "train"] for r in runs]
     assert len(losses[0]) == 4 and losses[0] == losses[1]
+
+
+def test_a_second_sigterm_during_the_first_compile_exits_at_once(tmp_path, repo):
+    """The first step compiles in native code, where Python handlers cannot run; the
+    second SIGTERM must still end the process at once (143), not merge into the first
+    and let the run continue to a preemption checkpoint (75)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=str(tmp_path / "xla-cache"))  # a real compile
+    proc = subprocess.Popen([sys.executable, "-m", "jtl.cli", "train", "tiny-mlm", f"run_dir={tmp_path / 'run'}",
+                             "model.hidden=48", "model.layers=3", "model.heads=4", "model.mlp=96",
+                             "data.max_examples=300", "data.tokenizer_vocab=300", "model.vocab_size=300",
+                             "train.batch_size=8", "train.steps=50", "train.progress=false", "mesh.data=1"],
+                            cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "the first one compiles the step" in line:
+                break
+        else:
+            raise AssertionError("the step loop never started:\n" + "".join(seen))
+        proc.send_signal(signal.SIGTERM)
+        time.sleep(0.3)
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    out = "".join(seen) + rest
+    assert proc.returncode == 128 + signal.SIGTERM, out
+    assert "second SIGTERM: exiting at once" in out and "preempted at step" not in out, out

@@ -63,7 +63,8 @@ def test_mfu_counts_each_bucketed_batch_at_its_own_width(tmp_path):
     assert widths == {16, 32}
 
 
-@pytest.mark.parametrize("kind", ["mlm", "clm", "classification", "token_classification"])
+@pytest.mark.parametrize("kind", ["mlm", "clm", "classification", "token_classification", "regression",
+                                  "multilabel", "qa"])
 def test_counted_flops_never_exceed_the_compiled_steps_flops(kind):
     """MFU <= 1 needs the FLOPs we count for a step to be at most what its program runs
     (XLA's cost analysis of the compiled train step), at every bucket width."""
@@ -87,7 +88,13 @@ def test_counted_flops_never_exceed_the_compiled_steps_flops(kind):
         if kind not in ("mlm", "clm"):
             batch.pop("mlm_eligible")
             batch["example_weights"] = np.ones((B,), np.float32)
-            batch["labels"] = np.zeros((B, width) if kind == "token_classification" else (B,), np.int32)
+            labels = {"token_classification": np.zeros((B, width), np.int32),
+                      "regression": np.zeros((B,), np.float32),
+                      "multilabel": np.zeros((B, 3), np.float32)}
+            if kind == "qa":
+                batch["start_positions"] = batch["end_positions"] = np.zeros((B,), np.int32)
+            else:
+                batch["labels"] = labels.get(kind, np.zeros((B,), np.int32))
         compiled = setup.train_step.lower(setup.state, S.global_batch(mesh, batch)).compile()
         counted = train_flops_per_step(cfg.model, B, width, kind, spec.max_predictions)
         assert 0 < counted <= hlo_flops(compiled), (kind, width)

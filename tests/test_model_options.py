@@ -107,3 +107,10 @@ def test_grain_iterator_deterministic_and_host_slices_disjoint():
     h1 = {x for b, _ in zip(train_iterator(arrays, 8, seed=3, process_index=1, process_count=2), range(5))
           for x in b["x"]}
     assert not h0 & h1 and len(h0 | h1) == 40
+    # the global batches do not depend on the process count: process p holds rows
+    # [p*B/P, (p+1)*B/P) of the batch a single process would see (into a second epoch too)
+    one = [b["x"].tolist() for b, _ in zip(train_iterator(arrays, 8, seed=3), range(8))]
+    parts = [[b["x"].tolist() for b, _ in zip(train_iterator(arrays, 8, seed=3, process_index=p,
+                                                             process_count=4), range(8))] for p in range(4)]
+    assert [sum((parts[p][i] for p in range(4)), []) for i in range(8)] == one
+    assert one[5] != one[0] and sorted(sum(one[5:8], [])) != sorted(sum(one[:3], []))  # epoch 2 reshuffled

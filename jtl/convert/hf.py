@@ -181,7 +181,9 @@ def load_params(model_cfg: ModelConfig, task: str, source, abstract_params) -> d
         raise WeightsError(
             f"{source.name} does not fit model.family={family} layers={n_layers} "
             f"hidden={model_cfg.hidden} heads={model_cfg.heads} kv_heads={model_cfg.num_kv_heads} "
-            f"({len(problems)} problems):\n  " + "\n  ".join(problems))
+            f"({len(problems)} problems). With model.init_from these sizes come from the source's own "
+            f"config (config.json / GGUF metadata): if you did not set them, that config disagrees "
+            f"with its tensors:\n  " + "\n  ".join(problems))
     used = {k for _, chosen, _, _ in plan.values() for k in chosen}
     unused = sorted(k for k in keys - used if not T.IGNORED.search(k))
     if unused:

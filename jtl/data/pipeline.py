@@ -21,40 +21,38 @@ class RowSource:
         return {k: v[i] for k, v in self.arrays.items()}
 
 
-def host_slice(n: int, process_index: int | None = None, process_count: int | None = None):
-    """Indices this host reads: same count on every host (remainder dropped)."""
-    pi = jax.process_index() if process_index is None else process_index
-    pc = jax.process_count() if process_count is None else process_count
-    usable = n - n % pc
-    return pi, pc, usable
-
-
 def train_iterator(arrays: dict, global_batch: int, *, seed: int, shuffle: bool = True,
                    epochs: int | None = None, process_index: int | None = None,
                    process_count: int | None = None):
-    """Endless (or ``epochs``) shuffled batches of this host's rows, as numpy dicts.
+    """Endless (or ``epochs``) shuffled batches: this process's rows of each global batch,
+    as numpy dicts.
 
-    Each epoch is reshuffled; a batch never mixes two epochs' orders beyond the
-    boundary batch. ``global_batch`` must be divisible by the process count.
+    The order is planned globally (one shuffle of all rows, the same in every process,
+    reshuffled each epoch) and process p takes rows ``[p*B/P, (p+1)*B/P)`` of every
+    global batch of B rows (``process_rows``' convention). So the global batches do not
+    depend on how many processes there are: a run on 2 processes sees the batches a run
+    on 1 process sees, and the iterator state (the number of global batches taken) can
+    be restored with any process count. Each process reads only its own rows.
     """
-    pi, pc, usable = host_slice(len(RowSource(arrays)), process_index, process_count)
+    pi = jax.process_index() if process_index is None else process_index
+    pc = jax.process_count() if process_count is None else process_count
     if global_batch % pc:
         raise ValueError(f"train.batch_size={global_batch} not divisible by {pc} processes")
-    per_host = global_batch // pc
-    ds = grain.MapDataset.source(RowSource(arrays))[:usable][pi::pc]
-    if len(ds) < per_host:
-        raise ValueError(f"only {len(ds)} rows per host, fewer than a batch of {per_host}; "
+    n = len(RowSource(arrays))
+    if n < global_batch:
+        raise ValueError(f"only {n} rows, fewer than a batch of {global_batch}; "
                          f"lower train.batch_size or add data")
+    ds = grain.MapDataset.source(RowSource(arrays))
     if shuffle:
         ds = ds.shuffle(seed=seed)
-    ds = ds.repeat(epochs).batch(per_host, drop_remainder=True)
+    # Sub-batches of B/P rows; global batch b is sub-batches b*P .. b*P+P-1, in process order.
+    ds = ds.repeat(epochs).batch(global_batch // pc, drop_remainder=True)[pi::pc]
     # In-memory rows: no reader threads (they only contend for the GIL and the cores with XLA).
     return iter(ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)))
 
 
 def steps_per_epoch(n_rows: int, global_batch: int) -> int:
-    _, pc, usable = host_slice(n_rows)
-    return max(usable // global_batch, 1)
+    return max(n_rows // global_batch, 1)
 
 
 def pad_batch(chunk: dict, batch: int, fill: dict | None = None) -> dict:

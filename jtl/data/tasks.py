@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from jtl.config import Config, DataConfig, bucket_lengths
-from jtl.data.pipeline import pad_batch, process_rows
+from jtl.data.pipeline import pad_batch
 from jtl.data.sources import DataError, Row, get_text
 
 log = logging.getLogger("jtl")
@@ -182,6 +182,19 @@ def take(enc: Encoded, idx: np.ndarray, width: int, batch: int) -> dict:
     return pad_batch(chunk, batch, fill)
 
 
+def take_share(enc: Encoded, idx: np.ndarray, width: int, batch: int) -> dict:
+    """This process's rows of ``take(enc, idx, width, batch)`` (``process_rows``' convention),
+    built without building the others' rows."""
+    import jax
+    pc = jax.process_count()
+    if pc == 1:
+        return take(enc, idx, width, batch)
+    if batch % pc:
+        raise ValueError(f"a global batch of {batch} rows does not split over {pc} processes")
+    per, pi = batch // pc, jax.process_index()
+    return take(enc, idx[pi * per:(pi + 1) * per], width, per)
+
+
 def epoch_plan(lengths: np.ndarray, buckets: tuple[int, ...], batch: int, seed: int,
                shuffle: bool = True) -> list[tuple[np.ndarray, int]]:
     """One epoch of (row indices, padded width): full batches within each bucket; the
@@ -234,7 +247,7 @@ class BucketedBatches:
             self._epoch = epoch
         idx, width = self._plan[i]
         self.step += 1
-        return process_rows(take(self.enc, idx, width, self.batch))
+        return take_share(self.enc, idx, width, self.batch)
 
     def get_state(self) -> dict:
         return {"step": self.step}

@@ -52,16 +52,18 @@ class StepLogger:
         self.last = {}
         self.skipped = skipped
         self.skipped_in_a_row = 0
+        self.real_total = self.padded_total = 0  # tokens of the global batches handled
 
     def _new_window(self):
         self.window_t, self.window_tokens, self.window_padded, self.window_steps = time.perf_counter(), 0, 0, 0
         self.window_flops = 0.0
 
-    def push(self, step: int, metrics, real_tokens: int, padded_tokens: int, flops: float):
-        """Step ``step`` was dispatched; ``flops``: the model FLOPs of its batch (its shape)."""
+    def push(self, step: int, metrics, padded_tokens: int, flops: float):
+        """Step ``step`` was dispatched; ``padded_tokens`` / ``flops``: the global batch's
+        token slots and model FLOPs (its shape); its real tokens come with its metrics."""
         if self.pending is not None:
             self._handle(*self.pending)
-        self.pending = (step, metrics, real_tokens, padded_tokens, flops)
+        self.pending = (step, metrics, padded_tokens, flops)
 
     def flush(self):
         if self.pending is not None:
@@ -84,7 +86,10 @@ class StepLogger:
                 f"(train.max_consecutive_skips={limit}); stopping: the model is not training "
                 f"(lower optim.lr, set optim.clip_norm, or check the data)")
 
-    def _handle(self, step, metrics, real_tokens, padded_tokens, flops):
+    def _handle(self, step, metrics, padded_tokens, flops):
+        real_tokens = int(metrics["real_tokens"])  # summed over every process's rows on device
+        self.real_total += real_tokens
+        self.padded_total += padded_tokens
         self.window_tokens += real_tokens
         self.window_padded += padded_tokens
         self.window_flops += flops
@@ -148,13 +153,13 @@ class Outcome:
 
 
 def train_loop(cfg: Config, setup: Setup, batches, *, total: int, ckdir: Path, writer: MetricWriter,
-               evaluation: Evaluation, flops_per_step: float | Callable[[int], float], resumed=None,
+               evaluation: Evaluation, flops_per_step: Callable[[int], float], resumed=None,
                restore_best: bool = False, on_step: Callable | None = None) -> Outcome:
     """Train ``setup`` from ``resumed.step`` (see ``jtl.run.birth``) to ``total``.
 
     ``batches``: an iterator of this process's rows of each global batch (numpy
-    dicts) with ``get_state``/``set_state``. ``flops_per_step``: model FLOPs of a step, or a
-    function of the batch's row width (bucketed batches: MFU counts each batch's own
+    dicts) with ``get_state``/``set_state``. ``flops_per_step(width)``: model FLOPs of a step
+    whose rows are ``width`` tokens wide (bucketed batches: MFU counts each batch's own
     width, never an average that short batches would beat). ``restore_best``: leave the best step's
     parameters in ``setup.state`` at the end (fine-tuning). ``on_step(step, guard)`` is
     called after each step (tests and callbacks: ``guard.request()`` stops the run at
@@ -175,7 +180,6 @@ def train_loop(cfg: Config, setup: Setup, batches, *, total: int, ckdir: Path, w
                         best_metric=evaluation.metric if ck.keep_best and evaluation.run is not None else None,
                         best_mode=evaluation.mode)
     logger = StepLogger(cfg, setup, writer, total, start, skipped=int(meta.get("skipped_updates", 0)))
-    flops_of = flops_per_step if callable(flops_per_step) else (lambda width: flops_per_step)
     every = ck.every if ck.enabled else 0
     state, metrics = setup.state, None
     saved_at = None
@@ -202,14 +206,12 @@ def train_loop(cfg: Config, setup: Setup, batches, *, total: int, ckdir: Path, w
     t0 = time.perf_counter()
     try:
         with preemption.Guard() as guard, jax.log_compiles(False):
+            log.info("training steps %d-%d (the first one compiles the step)", start + 1, total)
             for step in range(start + 1, total + 1):
-                host = next(batches)
-                seg = np.asarray(host["segment_ids"])
-                real, padded = int((seg > 0).sum()), int(seg.size)
-                out.real_tokens += real
-                out.padded_tokens += padded
+                host = next(batches)  # this process's rows of the global batch
+                width = np.shape(host["segment_ids"])[1]
                 state, metrics = setup.train_step(state, S.global_batch(setup.mesh, host))
-                logger.push(step, metrics, real, padded, flops_of(seg.shape[1]))
+                logger.push(step, metrics, cfg.train.batch_size * width, flops_per_step(width))
                 out.step = step
                 if on_step is not None:
                     on_step(step, guard)
@@ -255,6 +257,7 @@ def train_loop(cfg: Config, setup: Setup, batches, *, total: int, ckdir: Path, w
         setup.state = state
         out.train_wall_s = time.perf_counter() - t0 - out.eval_s
         out.skipped_updates, out.last = logger.skipped, logger.last
+        out.real_tokens, out.padded_tokens = logger.real_total, logger.padded_total
         ckpt.wait(mngr)
         if restore_best and out.best_step is not None and out.best_step != out.step:
             setup.state, _, _ = ckpt.restore_state(mngr, out.best_step, setup.state)

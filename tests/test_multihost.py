@@ -1,0 +1,198 @@
+"""Multi-process runs with real processes: ``jtl launch`` starts 2 local processes x 2
+CPU devices joined by ``jax.distributed`` (gloo collectives), as the hosts of a pod
+slice would run. Checked against a single process on the same global mesh shape."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from jtl.cli import main
+
+TINY = ["model.hidden=32", "model.layers=2", "model.heads=4", "model.mlp=64", "data.seq_len=32",
+        "model.max_len=32", "data.max_examples=400", "data.tokenizer_vocab=300", "model.vocab_size=300",
+        "train.batch_size=16", "train.progress=false", "optim.lr=2e-3", "optim.warmup_steps=2",
+        "mesh.data=2", "mesh.fsdp=2", "distributed.heartbeat_timeout=3"]
+
+
+def launch(args, cwd, env_extra=None, timeout=240):
+    """``jtl launch --processes 2 --devices-per-process 2 -- ARGS``: (rc, output)."""
+    env = dict(os.environ, **(env_extra or {}))
+    p = subprocess.run([sys.executable, "-m", "jtl.cli", "launch", "--processes", "2",
+                        "--devices-per-process", "2", "--grace", "90", "--", *args],
+                       cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout + p.stderr
+
+
+def train_losses(run):
+    return {r["step"]: r["loss"] for r in map(json.loads, open(run / "metrics.jsonl")) if r["split"] == "train"}
+
+
+def test_two_processes_train_as_one_and_resume_on_one(tmp_path, repo, monkeypatch):
+    two, ref, cont = tmp_path / "two", tmp_path / "ref", tmp_path / "cont"
+    common = ["tiny-mlm", *TINY, "train.steps=12", "train.log_every=3", "checkpoint.enabled=true",
+              "checkpoint.every=6", "checkpoint.keep=3"]
+    rc, out = launch(["train", *common, f"run_dir={two}"], repo)
+    assert rc == 0, out
+    # every process speaks, with its rank; the summary is printed once, by process 0
+    assert "[0] " in out and "[1] " in out and out.count('"steps": 12') == 1, out
+    assert "[Gloo]" not in out
+    # one writer: one metrics line per logged step, one config, one tokenizer
+    lines = [json.loads(x) for x in open(two / "metrics.jsonl")]
+    assert [r["step"] for r in lines if r["split"] == "train"] == [3, 6, 9, 12]
+    assert (two / "config.yaml").is_file() and (two / "tokenizer" / "tokenizer.json").is_file()
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["steps"] == 12
+
+    # the same global batches and the same numbers as one process on a 2x2 mesh
+    monkeypatch.chdir(repo)
+    assert main(["train", *common, f"run_dir={ref}"]) == 0
+    a, b = train_losses(two), train_losses(ref)
+    assert a.keys() == b.keys()
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-6), (step, a, b)
+    assert summary["train_real_tokens"] == json.loads((ref / "summary.json").read_text())["train_real_tokens"]
+
+    # the 2-process checkpoint of step 6 restores in one process on 8 devices (another
+    # mesh), with its data position: steps 9 and 12 come out as in the 2-process run
+    assert main(["train", *common, "mesh.data=-1", "mesh.fsdp=1", f"run_dir={cont}",
+                 f"checkpoint.resume_from={two / 'checkpoints' / '6'}"]) == 0
+    c = train_losses(cont)
+    assert sorted(c) == [9, 12]
+    for step in (9, 12):
+        assert c[step] == pytest.approx(a[step], rel=1e-4), (step, c, a)
+
+
+def test_two_process_fine_tuning_counts_every_validation_example_once(tmp_path, repo, monkeypatch):
+    from test_finetune import TINY as FT, cls_rows, write_jsonl
+    d = tmp_path / "data"
+    d.mkdir()
+    run = tmp_path / "run"
+    keys = [*FT, "task.kind=classification", "train.steps=6", "train.eval_batch_size=8", "mesh.data=2",
+            "mesh.fsdp=2", "distributed.heartbeat_timeout=3", f"run_dir={run}",
+            f"data.train={write_jsonl(d / 'train.jsonl', cls_rows(64, 0))}",
+            f"data.validation={write_jsonl(d / 'val.jsonl', cls_rows(37, 1))}"]
+    (d / "cfg.yaml").write_text("name: two-process-classification\n")
+    rc, out = launch(["train", str(d / "cfg.yaml"), *keys], repo)
+    assert rc == 0, out
+    final = json.loads((run / "summary.json").read_text())["final"]["validation"]
+    assert final["n"] == 37  # 37 rows over 2 processes x 2 devices, batches of 8: none lost or doubled
+    assert abs(final["accuracy"] * 37 - round(final["accuracy"] * 37)) < 1e-6
+    # one process on all 8 devices scores the checkpoint the same way
+    from jtl.finetune import evaluate_run
+    monkeypatch.chdir(repo)
+    ev = evaluate_run(str(run), None, [], split="validation")
+    assert ev["n"] == 37
+    assert ev["accuracy"] == pytest.approx(final["accuracy"])
+    assert ev["loss"] == pytest.approx(final["loss"], rel=1e-4)
+
+
+FAULT = textwrap.dedent("""
+    # Test-only fault injection, loaded by every process of the launch (PYTHONPATH).
+    import os, signal
+    if os.environ.get("JTL_PROCESS_ID") == "1":
+        import jtl.run.loop as loop
+        push = loop.StepLogger.push
+        def faulty(self, step, *a, **k):
+            if step == 3:
+                what = os.environ["JTL_TEST_FAULT"]
+                if what == "raise":
+                    raise RuntimeError("injected fault in process 1")
+                os.kill(os.getpid(), {"kill": signal.SIGKILL, "term": signal.SIGTERM}[what])
+            return push(self, step, *a, **k)
+        loop.StepLogger.push = faulty
+""")
+
+
+@pytest.mark.parametrize("fault", ["raise", "kill", "term"])
+def test_a_failing_process_ends_the_run_promptly(tmp_path, repo, fault, monkeypatch):
+    """A process that raises exits at once with its traceback; one killed (SIGKILL) makes
+    the others abort on JAX's heartbeat, not hang; SIGTERM to one process (a preempted
+    host) makes every process checkpoint the same step and exit 75."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(FAULT)
+    run = tmp_path / "run"
+    args = ["train", "tiny-mlm", *TINY, "train.steps=400", "train.log_every=1", "checkpoint.enabled=true",
+            f"run_dir={run}"]
+    env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
+           "JTL_TEST_FAULT": fault}
+    rc, out = launch(args, repo, env)
+    # the others stopped by themselves (JAX's heartbeat / preemption sync), not by the launcher
+    assert "jtl launch: killing process" not in out, out
+    if fault == "raise":
+        assert rc == 1, out
+        assert "[1] RuntimeError: injected fault in process 1" in out, out
+        assert "process 1 of 2 failed" in out
+    elif fault == "kill":
+        assert rc == 128 + 9, out
+        assert "process 1 ended (killed by SIGKILL)" in out, out
+        assert "rerun the same command to resume" in out.lower()
+    else:
+        assert rc == 75, out
+        stops = [line for line in out.splitlines() if "preempted at step" in line and "exiting" in line]
+        assert len(stops) == 2 and len({s.split("preempted at step ")[1].split(";")[0] for s in stops}) == 1, out
+        step = int(stops[0].split("preempted at step ")[1].split(";")[0])
+        assert (run / "checkpoints" / str(step)).is_dir()
+        # the same command, now on one process, resumes from that step
+        monkeypatch.chdir(repo)
+        assert main(["train", *args[1:-4], "train.steps=" + str(step + 2), "train.log_every=1",
+                     f"run_dir={run}", "checkpoint.enabled=true"]) == 0
+        assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == step
+
+
+def test_a_peer_that_never_arrives_ends_the_run_saying_why(tmp_path, repo):
+    """Process 0 of 2 alone: JAX aborts it after distributed.initialization_timeout (not a
+    catchable error), and jtl has said beforehand what that means, naming the coordinator."""
+    from jtl.run.launch import child_env, free_port
+    port = free_port()
+    env = child_env(0, 2, port, 1)
+    p = subprocess.run([sys.executable, "-m", "jtl.cli", "train", "tiny-mlm", *TINY,
+                        "distributed.initialization_timeout=2", f"run_dir={tmp_path / 'run'}"],
+                       cwd=repo, env=env, capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert f"did not reach the coordinator 127.0.0.1:{port}" in p.stderr, p.stderr
+    assert "all 2 processes" in p.stderr
+    assert not (tmp_path / "run" / "config.yaml").exists()
+
+
+def test_distributed_plan_from_config_and_environment(monkeypatch):
+    from jtl.config import ConfigError, DistributedConfig
+    from jtl.run.distributed import plan
+    for k in ("JTL_COORDINATOR", "JTL_NUM_PROCESSES", "JTL_PROCESS_ID", "JAX_COORDINATOR_ADDRESS",
+              "SLURM_JOB_ID", "OMPI_MCA_orte_hnp_uri"):
+        monkeypatch.delenv(k, raising=False)
+    assert plan(DistributedConfig()) is None  # a plain run: one process, no jax.distributed
+    monkeypatch.setenv("JTL_COORDINATOR", "10.0.0.1:1234")
+    monkeypatch.setenv("JTL_NUM_PROCESSES", "4")
+    monkeypatch.setenv("JTL_PROCESS_ID", "3")
+    got = plan(DistributedConfig(heartbeat_timeout=7))
+    assert (got["coordinator_address"], got["num_processes"], got["process_id"],
+            got["heartbeat_timeout_seconds"]) == ("10.0.0.1:1234", 4, 3, 7)
+    assert plan(DistributedConfig(process_id=1))["process_id"] == 1  # the config key wins
+    assert plan(DistributedConfig(enabled=False)) is None
+    with pytest.raises(ConfigError, match=r"process id 5 is outside \[0, 4\)"):
+        plan(DistributedConfig(process_id=5))
+    monkeypatch.setenv("JTL_NUM_PROCESSES", "1")
+    monkeypatch.setenv("JTL_PROCESS_ID", "0")
+    assert plan(DistributedConfig()) is None  # one process: nothing to join
+    monkeypatch.delenv("JTL_PROCESS_ID")
+    monkeypatch.setenv("JTL_NUM_PROCESSES", "2")
+    with pytest.raises(ConfigError, match="distributed.process_id"):
+        plan(DistributedConfig())
+    monkeypatch.delenv("JTL_COORDINATOR")
+    with pytest.raises(ConfigError, match="no coordinator"):
+        plan(DistributedConfig())
+    monkeypatch.setenv("JTL_NUM_PROCESSES", "two")
+    with pytest.raises(ConfigError, match="JTL_NUM_PROCESSES"):
+        plan(DistributedConfig())
+    monkeypatch.delenv("JTL_NUM_PROCESSES")
+    for k, v in {"SLURM_JOB_ID": "7", "SLURM_STEP_NODELIST": "node[1-2]", "SLURM_NTASKS": "2",
+                 "SLURM_PROCID": "1", "SLURM_LOCALID": "0"}.items():
+        monkeypatch.setenv(k, v)
+    got = plan(DistributedConfig())
+    assert got is not None and "coordinator_address" not in got and "slurm" in got["_how"]
