@@ -70,8 +70,21 @@ def make_mesh(cfg: MeshConfig | tuple[int, int, int], devices=None) -> Mesh:
             "mesh data=%d fsdp=%d tensor=%d uses %d of %d devices; %d stay idle (set one axis to -1 "
             "to use the rest)", *shape, math.prod(shape), len(devices), len(devices) - math.prod(shape))
     # Auto axes: GSPMD propagates shardings; logical constraints are real constraints.
-    return jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3,
+    mesh = jax.make_mesh(shape, MESH_AXES, axis_types=(AxisType.Auto,) * 3,
                          devices=devices[: math.prod(shape)])
+    if tensor_spans_processes(mesh.devices):
+        logging.getLogger("jtl").warning(
+            "mesh.tensor=%d spans processes (hosts): tensor parallelism exchanges activations in every "
+            "layer, over the network between hosts; keep mesh.tensor <= the %d devices of one process "
+            "and give the rest to data/fsdp", shape[2], jax.local_device_count())
+    return mesh
+
+
+def tensor_spans_processes(devices: np.ndarray) -> bool:
+    """Whether some group of devices along the last (tensor) mesh axis lives on several
+    processes; data and fsdp may span hosts, tensor should not."""
+    rows = np.asarray(devices).reshape(-1, np.shape(devices)[-1])
+    return any(len({d.process_index for d in row}) > 1 for row in rows)
 
 
 @contextlib.contextmanager

@@ -36,3 +36,18 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.fixture
 def repo() -> Path:
     return REPO
+
+
+# The slowest files first, so that the workers do not end with one long test running
+# alone (xdist hands tests out in collection order). Whole files move, so module-scoped
+# fixtures are still built once per worker; every test still runs.
+_SLOW_FILES_FIRST = ("test_sharded_parity.py", "test_multihost.py", "test_finetune.py", "test_checkpoint.py",
+                     "test_fewshot.py", "test_bad_input.py", "test_cli_pretrain.py", "test_model_options.py",
+                     "test_loop_policies.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    def rank(item):
+        name = item.nodeid.split("::")[0].rsplit("/", 1)[-1]
+        return _SLOW_FILES_FIRST.index(name) if name in _SLOW_FILES_FIRST else len(_SLOW_FILES_FIRST)
+    items.sort(key=rank)  # stable: tests keep their order within a file

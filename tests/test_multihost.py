@@ -19,11 +19,11 @@ TINY = ["model.hidden=32", "model.layers=2", "model.heads=4", "model.mlp=64", "d
         "mesh.data=2", "mesh.fsdp=2", "distributed.heartbeat_timeout=3"]
 
 
-def launch(args, cwd, env_extra=None, timeout=240):
-    """``jtl launch --processes 2 --devices-per-process 2 -- ARGS``: (rc, output)."""
+def launch(args, cwd, env_extra=None, devices=2, timeout=240):
+    """``jtl launch --processes 2 --devices-per-process D -- ARGS``: (rc, output)."""
     env = dict(os.environ, **(env_extra or {}))
     p = subprocess.run([sys.executable, "-m", "jtl.cli", "launch", "--processes", "2",
-                        "--devices-per-process", "2", "--grace", "90", "--", *args],
+                        "--devices-per-process", str(devices), "--grace", "90", "--", *args],
                        cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     return p.returncode, p.stdout + p.stderr
 
@@ -33,22 +33,23 @@ def train_losses(run):
 
 
 def test_two_processes_train_as_one_and_resume_on_one(tmp_path, repo, monkeypatch):
-    two, ref, cont = tmp_path / "two", tmp_path / "ref", tmp_path / "cont"
-    common = ["tiny-mlm", *TINY, "train.steps=12", "train.log_every=3", "checkpoint.enabled=true",
-              "checkpoint.every=6", "checkpoint.keep=3"]
-    rc, out = launch(["train", *common, f"run_dir={two}"], repo)
+    two, ref = tmp_path / "two", tmp_path / "ref"
+    # FSDP across the processes: each host holds half of every parameter and moment
+    common = ["tiny-mlm", *TINY, "mesh.data=1", "train.steps=6", "train.log_every=1", "checkpoint.enabled=true",
+              "checkpoint.every=3", "checkpoint.keep=3"]
+    rc, out = launch(["train", *common, f"run_dir={two}"], repo, devices=1)
     assert rc == 0, out
     # every process speaks, with its rank; the summary is printed once, by process 0
-    assert "[0] " in out and "[1] " in out and out.count('"steps": 12') == 1, out
+    assert "[0] " in out and "[1] " in out and out.count('"steps": 6') == 1, out
     assert "[Gloo]" not in out
     # one writer: one metrics line per logged step, one config, one tokenizer
     lines = [json.loads(x) for x in open(two / "metrics.jsonl")]
-    assert [r["step"] for r in lines if r["split"] == "train"] == [3, 6, 9, 12]
+    assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]
     assert (two / "config.yaml").is_file() and (two / "tokenizer" / "tokenizer.json").is_file()
     summary = json.loads((two / "summary.json").read_text())
-    assert summary["steps"] == 12
+    assert summary["steps"] == 6
 
-    # the same global batches and the same numbers as one process on a 2x2 mesh
+    # the same global batches and the same numbers as one process with 2 devices
     monkeypatch.chdir(repo)
     assert main(["train", *common, f"run_dir={ref}"]) == 0
     a, b = train_losses(two), train_losses(ref)
@@ -57,14 +58,24 @@ def test_two_processes_train_as_one_and_resume_on_one(tmp_path, repo, monkeypatc
         assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-6), (step, a, b)
     assert summary["train_real_tokens"] == json.loads((ref / "summary.json").read_text())["train_real_tokens"]
 
-    # the 2-process checkpoint of step 6 restores in one process on 8 devices (another
-    # mesh), with its data position: steps 9 and 12 come out as in the 2-process run
-    assert main(["train", *common, "mesh.data=-1", "mesh.fsdp=1", f"run_dir={cont}",
-                 f"checkpoint.resume_from={two / 'checkpoints' / '6'}"]) == 0
-    c = train_losses(cont)
-    assert sorted(c) == [9, 12]
-    for step in (9, 12):
-        assert c[step] == pytest.approx(a[step], rel=1e-4), (step, c, a)
+    # the 2-process checkpoint restores in one process on 8 devices (another mesh and
+    # process count), equal to the 1-process run's, data position included
+    from jtl import checkpoint as ckpt
+    from jtl import config as C
+    from jtl import sharding as S
+    from test_checkpoint import fresh_state
+    cfg = C.load(common[0], common[1:] + ["mesh.data=-1", "mesh.fsdp=1"])
+    mesh = S.make_mesh(cfg.mesh)
+    got = ckpt.resume(two / "checkpoints", fresh_state(cfg, mesh), cfg.to_dict(), step=3)
+    want = ckpt.resume(ref / "checkpoints", fresh_state(cfg, mesh), cfg.to_dict(), step=3)
+    assert got[1] == want[1] and got[2] == want[2] == 3  # data iterator state, step
+    import jax
+    import numpy as np
+    pairs = list(zip(jax.tree.leaves(ckpt._to_pure(got[0])), jax.tree.leaves(ckpt._to_pure(want[0]))))
+    assert len(pairs) > 10
+    for x, y in pairs:
+        assert x.sharding.mesh.size == 8
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
 def test_two_process_fine_tuning_counts_every_validation_example_once(tmp_path, repo, monkeypatch):
@@ -72,15 +83,15 @@ def test_two_process_fine_tuning_counts_every_validation_example_once(tmp_path, 
     d = tmp_path / "data"
     d.mkdir()
     run = tmp_path / "run"
-    keys = [*FT, "task.kind=classification", "train.steps=6", "train.eval_batch_size=8", "mesh.data=2",
-            "mesh.fsdp=2", "distributed.heartbeat_timeout=3", f"run_dir={run}",
+    keys = [*FT, "task.kind=classification", "train.steps=3", "train.eval_batch_size=8", "mesh.data=2",
+            "distributed.heartbeat_timeout=3", f"run_dir={run}",
             f"data.train={write_jsonl(d / 'train.jsonl', cls_rows(64, 0))}",
             f"data.validation={write_jsonl(d / 'val.jsonl', cls_rows(37, 1))}"]
     (d / "cfg.yaml").write_text("name: two-process-classification\n")
-    rc, out = launch(["train", str(d / "cfg.yaml"), *keys], repo)
+    rc, out = launch(["train", str(d / "cfg.yaml"), *keys], repo, devices=1)
     assert rc == 0, out
     final = json.loads((run / "summary.json").read_text())["final"]["validation"]
-    assert final["n"] == 37  # 37 rows over 2 processes x 2 devices, batches of 8: none lost or doubled
+    assert final["n"] == 37  # 37 rows over 2 processes, batches of 8: none lost or doubled
     assert abs(final["accuracy"] * 37 - round(final["accuracy"] * 37)) < 1e-6
     # one process on all 8 devices scores the checkpoint the same way
     from jtl.finetune import evaluate_run
@@ -98,7 +109,7 @@ FAULT = textwrap.dedent("""
         import jtl.run.loop as loop
         push = loop.StepLogger.push
         def faulty(self, step, *a, **k):
-            if step == 3:
+            if step == 2:
                 what = os.environ["JTL_TEST_FAULT"]
                 if what == "raise":
                     raise RuntimeError("injected fault in process 1")
@@ -109,7 +120,7 @@ FAULT = textwrap.dedent("""
 
 
 @pytest.mark.parametrize("fault", ["raise", "kill", "term"])
-def test_a_failing_process_ends_the_run_promptly(tmp_path, repo, fault, monkeypatch):
+def test_a_failing_process_ends_the_run_promptly(tmp_path, repo, fault):
     """A process that raises exits at once with its traceback; one killed (SIGKILL) makes
     the others abort on JAX's heartbeat, not hang; SIGTERM to one process (a preempted
     host) makes every process checkpoint the same step and exit 75."""
@@ -117,11 +128,11 @@ def test_a_failing_process_ends_the_run_promptly(tmp_path, repo, fault, monkeypa
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(FAULT)
     run = tmp_path / "run"
-    args = ["train", "tiny-mlm", *TINY, "train.steps=400", "train.log_every=1", "checkpoint.enabled=true",
-            f"run_dir={run}"]
+    args = ["train", "tiny-mlm", *TINY, "mesh.fsdp=1", "train.steps=200", "train.log_every=1",
+            "checkpoint.enabled=true", f"run_dir={run}"]
     env = {"PYTHONPATH": os.pathsep.join([str(hook), os.environ.get("PYTHONPATH", "")]),
            "JTL_TEST_FAULT": fault}
-    rc, out = launch(args, repo, env)
+    rc, out = launch(args, repo, env, devices=1)
     # the others stopped by themselves (JAX's heartbeat / preemption sync), not by the launcher
     assert "jtl launch: killing process" not in out, out
     if fault == "raise":
@@ -137,12 +148,7 @@ def test_a_failing_process_ends_the_run_promptly(tmp_path, repo, fault, monkeypa
         stops = [line for line in out.splitlines() if "preempted at step" in line and "exiting" in line]
         assert len(stops) == 2 and len({s.split("preempted at step ")[1].split(";")[0] for s in stops}) == 1, out
         step = int(stops[0].split("preempted at step ")[1].split(";")[0])
-        assert (run / "checkpoints" / str(step)).is_dir()
-        # the same command, now on one process, resumes from that step
-        monkeypatch.chdir(repo)
-        assert main(["train", *args[1:-4], "train.steps=" + str(step + 2), "train.log_every=1",
-                     f"run_dir={run}", "checkpoint.enabled=true"]) == 0
-        assert json.loads((run / "summary.json").read_text())["resumed_from_step"] == step
+        assert (run / "checkpoints" / str(step)).is_dir()  # resuming it: the first test
 
 
 def test_a_peer_that_never_arrives_ends_the_run_saying_why(tmp_path, repo):
@@ -196,3 +202,16 @@ def test_distributed_plan_from_config_and_environment(monkeypatch):
         monkeypatch.setenv(k, v)
     got = plan(DistributedConfig())
     assert got is not None and "coordinator_address" not in got and "slurm" in got["_how"]
+
+
+def test_tensor_axis_across_processes_is_detected():
+    """data/fsdp may span hosts; a tensor group split over processes is warned about."""
+    import numpy as np
+    from types import SimpleNamespace as D
+
+    from jtl.sharding import tensor_spans_processes
+    devs = np.array([D(process_index=p) for p in (0, 0, 1, 1)], dtype=object)
+    assert not tensor_spans_processes(devs.reshape(2, 1, 2))  # tensor=2 inside each process
+    assert not tensor_spans_processes(devs.reshape(1, 4, 1))  # fsdp over both processes
+    assert tensor_spans_processes(devs.reshape(1, 1, 4))  # tensor=4 over two processes
+    assert tensor_spans_processes(devs[[0, 2, 1, 3]].reshape(1, 2, 2))

@@ -119,19 +119,21 @@ def launch(command: list[str], processes: int, devices: int = 1, grace: float | 
     if threading.current_thread() is threading.main_thread():
         for s in (signal.SIGTERM, signal.SIGINT):
             previous[s] = signal.signal(s, forward)
-    first_failure, deadline = None, None
+    first_failure, deadline, failed_at, ended_at = None, None, None, time.monotonic()
     try:
         while True:
             codes = [p.poll() for p in procs]
             for rank, rc in enumerate(codes):
                 if rc not in (None, 0, 75) and first_failure is None:  # 75: preempted, the others follow
                     first_failure = (rank, rc)
-                    deadline = time.monotonic() + grace
+                    failed_at = time.monotonic()
+                    deadline = failed_at + grace
                     with lock:
                         out.write(f"jtl launch: process {rank} ended ({_describe(rc)}); waiting up to "
                                   f"{grace:.0f} s for the other processes to stop\n")
                         out.flush()
             if all(rc is not None for rc in codes):
+                ended_at = time.monotonic()
                 break
             if deadline is not None and time.monotonic() > deadline:
                 for rank, p in enumerate(procs):
@@ -164,7 +166,8 @@ def launch(command: list[str], processes: int, devices: int = 1, grace: float | 
         return 75
     what = ("fix the error it printed, then rerun" if rc == 2 else
             "rerun the same command to resume from the last checkpoint (if checkpoint.enabled)")
-    out.write(f"jtl launch: process {rank} of {processes} failed first ({_describe(rc)}); exit codes "
+    after = f", the last ended {ended_at - failed_at:.1f} s later" if failed_at is not None else ""
+    out.write(f"jtl launch: process {rank} of {processes} failed first ({_describe(rc)}){after}; exit codes "
               f"{codes}: {what}\n")
     out.flush()
     return _code(rc)
