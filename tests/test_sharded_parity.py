@@ -11,7 +11,8 @@ from jtl.train import build
 from helpers import lm_batch, tiny_cfg
 
 # The reference, full FSDP, and all three axes at once (data parallelism alone is
-# the (2, 2, 2) mesh's data axis; test_mesh covers the mesh shapes themselves).
+# the (2, 2, 2) mesh's data axis; test_mesh covers the mesh shapes themselves). MLM
+# checks all three axes at once, CLM full FSDP (one compile fewer than every pair).
 MESHES = [(1, 1, 1), (1, 8, 1), (2, 2, 2)]
 
 
@@ -48,7 +49,7 @@ def run(kind, mesh_shape, steps=2, **over):
     return setup, loss0, grads, np.array(losses)
 
 
-@pytest.mark.parametrize("kind,meshes", [("mlm", MESHES), ("clm", [MESHES[0], MESHES[2]])])
+@pytest.mark.parametrize("kind,meshes", [("mlm", [MESHES[0], MESHES[2]]), ("clm", [MESHES[0], MESHES[1]])])
 def test_loss_and_grads_match_across_meshes(kind, meshes):
     over = {"model.dropout": 0.1, "model.attention_dropout": 0.1}  # dropout must not depend on the mesh
     _, ref_loss, ref_grads, ref_losses = run(kind, meshes[0], **over)
