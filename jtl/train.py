@@ -7,7 +7,9 @@ the optimizer's step counter, so the host only feeds batches.
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -77,7 +79,8 @@ def concrete_target(abstract, shardings):
 
 
 def init_state(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int,
-               load_params: Callable | None = None, restore: Callable | None = None):
+               load_params: Callable | None = None, restore: Callable | None = None,
+               programs: "Programs | None" = None):
     """Create the state directly in its shardings (never whole on one device).
 
     ``restore(target) -> state | None`` fills the whole (params, opt) state from a
@@ -86,14 +89,14 @@ def init_state(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int,
     (already sharded); parameters it does not return keep their init.
     """
     S.check_model_fits(cfg.model, mesh)
-    graphdef, abstract, shardings, create = abstract_state(cfg, spec, mesh, total_steps)
-    target = concrete_target(abstract, shardings)
+    progs = programs or compiled_programs(cfg, spec, mesh, total_steps)
+    target = concrete_target(progs.abstract, progs.shardings)  # fresh Variables: restore fills them
     if restore is not None:
         state = restore(target)
         if state is not None:
-            return graphdef, state, shardings
+            return progs.graphdef, state, progs.shardings
     with S.activate(mesh):
-        state = jax.jit(lambda seed: nnx.state(create(seed)), out_shardings=shardings)(np.uint32(cfg.train.seed))
+        state = progs.init(np.uint32(cfg.train.seed))
     if load_params is not None:
         loaded = load_params(target[0])
         flat = dict(state[0].flat_state())
@@ -103,7 +106,7 @@ def init_state(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int,
                 raise ValueError(f"loaded parameter {'.'.join(map(str, path))} has shape "
                                  f"{tuple(arr.shape)}, model expects {tuple(var.shape)}")
             var.set_value(jax.device_put(arr.astype(var.dtype), var.sharding))
-    return graphdef, state, shardings
+    return progs.graphdef, state, progs.shardings
 
 
 def _split_micro(x, m: int):
@@ -227,13 +230,72 @@ def jit_train_step(cfg: Config, spec: TaskSpec, mesh, graphdef, shardings, total
                   bound=((np.uint32(cfg.train.seed), repl),))
 
 
+@dataclass(frozen=True)
+class Programs:
+    """The jitted programs of one (model, task, optimizer, mesh, step count) and the
+    state layout they were traced for."""
+    graphdef: Any
+    abstract: Any
+    shardings: Any
+    init: Callable  # seed -> sharded (params, opt) state
+    train: Callable  # jitted train_step(state, batch, seed)
+    eval: Callable  # jitted eval_step(state, batch)
+
+
+# Keys that never reach a traced program: where data and runs live, how much data is
+# read, logging, checkpointing, process start-up. The seeds are traced arguments and
+# the step count is its own key. Every other key (all of model, task and optim; the
+# batch size, microbatches and nan policy; masking and span limits) is part of the key,
+# so two configs share programs only if nothing a program sees differs.
+_NOT_TRACED = {"name": None, "run_dir": None, "checkpoint": None, "distributed": None,
+               "mesh": None,  # the Mesh itself is part of the key
+               "model": ("init_from",),
+               "data": ("train", "validation", "test", "hf_config", "tokenizer", "tokenizer_vocab",
+                        "max_examples", "max_train_examples", "examples_per_label", "sample_seed",
+                        "shuffle", "seed", "lowercase"),
+               "train": ("steps", "epochs", "eval_every", "eval_batch_size", "log_every", "patience",
+                         "seed", "max_consecutive_skips", "progress")}
+_PROGRAMS: "collections.OrderedDict[tuple, Programs]" = collections.OrderedDict()
+_MAX_PROGRAMS = 4
+
+
+def program_key(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int) -> tuple:
+    raw = cfg.to_dict()
+    for section, keys in _NOT_TRACED.items():
+        if keys is None:
+            raw.pop(section, None)
+        else:
+            raw[section] = {k: v for k, v in raw[section].items() if k not in keys}
+    return json.dumps(raw, sort_keys=True, default=str), spec, mesh, total_steps
+
+
+def compiled_programs(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int) -> Programs:
+    """The programs for this run, shared with earlier runs of this process that trace
+    the same programs (``--seeds``, the quick start's budgets and arms, a resume after
+    preemption, ``jtl eval`` after training): they are traced and compiled once, not
+    once per run. The last few are kept."""
+    key = program_key(cfg, spec, mesh, total_steps)
+    if key in _PROGRAMS:
+        _PROGRAMS.move_to_end(key)
+        return _PROGRAMS[key]
+    graphdef, abstract, shardings, create = abstract_state(cfg, spec, mesh, total_steps)
+    init = jax.jit(lambda seed: nnx.state(create(seed)), out_shardings=shardings)
+    train = jit_train_step(cfg, spec, mesh, graphdef, shardings, total_steps).jitted
+    evaluate = jax.jit(make_eval_step(cfg, spec, graphdef), in_shardings=(shardings, None))
+    _PROGRAMS[key] = progs = Programs(graphdef, abstract, shardings, init, train, evaluate)
+    while len(_PROGRAMS) > _MAX_PROGRAMS:
+        _PROGRAMS.popitem(last=False)
+    return progs
+
+
 def build(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int,
           load_params: Callable | None = None, restore: Callable | None = None) -> Setup:
     """Sharded state + jitted train/eval steps for this mesh (one jit per mesh/rules).
     Where the state comes from is ``jtl.run.birth``'s decision (see ``init_state``)."""
     S.check_batch_fits(cfg.train.batch_size, cfg.train.microbatches, mesh)
-    graphdef, state, shardings = init_state(cfg, spec, mesh, total_steps, load_params, restore)
-    eval_fn = make_eval_step(cfg, spec, graphdef)
-    train_step = jit_train_step(cfg, spec, mesh, graphdef, shardings, total_steps)
-    eval_step = InMesh(mesh, jax.jit(eval_fn, in_shardings=(shardings, None)))
+    progs = compiled_programs(cfg, spec, mesh, total_steps)
+    graphdef, state, shardings = init_state(cfg, spec, mesh, total_steps, load_params, restore, progs)
+    repl = NamedSharding(mesh, P())
+    train_step = InMesh(mesh, progs.train, bound=((np.uint32(cfg.train.seed), repl),))
+    eval_step = InMesh(mesh, progs.eval)
     return Setup(cfg, spec, mesh, graphdef, state, shardings, train_step, eval_step, total_steps)

@@ -28,7 +28,8 @@ STEPS = 12
 TINY = ["model.hidden=32", "model.layers=1", "model.heads=2", "model.mlp=64", "model.vocab_size=1024",
         "data.tokenizer_vocab=1000", "data.seq_len=32", "model.max_len=32", "train.batch_size=16",
         "data.max_examples=2000", f"train.steps={STEPS}", "train.progress=false", "train.log_every=1",
-        f"data.train={REPO / 'examples/data/reviews_unlabelled.txt'}"]
+        f"data.train={REPO / 'examples/data/reviews_unlabelled.txt'}",
+        "mesh.data=1", "mesh.fsdp=2"]  # sharded parameters on 2 devices (8 only make it slower)
 
 
 def make_cfg(run_dir, *extra, tokenizer=None):
@@ -73,11 +74,22 @@ def assert_same(a, b):
         assert x.dtype == y.dtype and np.array_equal(x, y)  # bit for bit
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted run: checkpoints at 4, 8 and the final 12."""
-    run = tmp_path_factory.mktemp("ref")
-    pretrain(make_cfg(run))
+@pytest.fixture(scope="session")
+def reference(tmp_path_factory, request):
+    """An uninterrupted run: checkpoints at 4, 8 and the final 12 (8 and 12 kept).
+
+    Trained once per test session: the pytest-xdist workers share it (the first builds
+    it under a file lock, the others wait and read it). Tests only read it, or copy it."""
+    from filelock import FileLock
+    base = tmp_path_factory.getbasetemp()
+    if hasattr(request.config, "workerinput"):  # an xdist worker: its parent is this session's
+        base = base.parent
+    run = base / "checkpoint-reference"
+    with FileLock(str(run) + ".lock"):
+        if not (run / "summary.json").exists():
+            if run.exists():
+                shutil.rmtree(run)  # a build that died half-way
+            pretrain(make_cfg(run))
     return run
 
 
@@ -125,7 +137,7 @@ def test_fresh_start_moves_old_checkpoints_aside(reference, tmp_path):
 
 
 def test_restore_onto_other_meshes(reference):
-    """Saved on data=8; restored onto fsdp=4 x tensor=2, 2x2x2 and one device."""
+    """Saved on fsdp=2 (parameters split in two); restored onto fsdp=4 x tensor=2, 2x2x2 and one device."""
     cfg = make_cfg(reference)
     want = load(reference, cfg)[0]
     assert load(reference / "checkpoints" / "8", cfg)[2] == 8  # resume_from=<step dir>

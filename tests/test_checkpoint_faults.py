@@ -15,15 +15,7 @@ import pytest
 
 from jtl import checkpoint as ckpt
 from jtl.pretrain import pretrain
-from test_checkpoint import REPO, STEPS, TINY, assert_same, load, losses, make_cfg
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    """An uninterrupted run: checkpoints 8 and 12 kept."""
-    run = tmp_path_factory.mktemp("ref")
-    pretrain(make_cfg(run))
-    return run
+from test_checkpoint import REPO, STEPS, TINY, assert_same, load, losses, make_cfg, reference  # noqa: F401
 
 
 def _copy(reference, tmp_path):

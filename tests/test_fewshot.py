@@ -102,7 +102,8 @@ def test_quickstart_path_at_toy_size(tmp_path, repo, monkeypatch):
     monkeypatch.syspath_prepend(str(repo / "examples"))
     import quickstart
     out = tmp_path / "qs"
-    small = ["model.hidden=32", "model.mlp=64", "model.layers=1", "model.heads=2", "train.batch_size=16"]
+    small = ["model.hidden=32", "model.mlp=64", "model.layers=1", "model.heads=2", "train.batch_size=16",
+             "mesh.data=1"]
     rc = quickstart.main(["--out", str(out), "--budgets", "8,24", "--seeds", "0,1", "--pretrain-steps", "3",
                           "--finetune-steps", "2", "--pretrain", *small, "data.max_examples=400",
                           "data.tokenizer_vocab=256", "model.vocab_size=256", "--finetune",

@@ -21,7 +21,10 @@ TINY = ["model.family=bert", "model.vocab_size=128", "model.hidden=32", "model.l
         "model.heads=4", "model.mlp=64", "model.max_len=64", "model.dropout=0.0",
         "model.attention_dropout=0.0", "data.tokenizer_vocab=128", "data.seq_len=32",
         "optim.lr=3e-3", "optim.warmup_ratio=0.05", "train.batch_size=16", "train.progress=false",
-        "train.log_every=50", "checkpoint.async_save=false"]
+        "train.log_every=50", "checkpoint.async_save=false",
+        # One device: these tests are about the heads, losses and run files; sharded
+        # fine-tuning is tested on 8 devices below and in test_multihost.py.
+        "mesh.data=1"]
 
 
 def write_jsonl(path, rows):
@@ -99,8 +102,8 @@ def test_eval_counts_every_example_once_on_8_devices(tmp_path):
     assert jax.device_count() == 8
     from jtl.finetune import evaluate_run
     cfg, summary = run(tmp_path, "count", ["task.kind=classification", "train.steps=1",
-                                           "train.eval_batch_size=8", "data.buckets=[32]"],
-                       cls_rows(64, 0), cls_rows(37, 1))
+                                           "train.eval_batch_size=8", "data.buckets=[32]",
+                                           "mesh.data=-1"], cls_rows(64, 0), cls_rows(37, 1))
     ev = evaluate_run(str(cfg.out_dir), None, [], split="validation")
     assert ev["n"] == 37
     # accuracy is a multiple of 1/37 (each example counted once, padding rows never)

@@ -49,7 +49,11 @@ def test_mfu_counts_each_bucketed_batch_at_its_own_width(tmp_path):
                                    "data.label_field=ner_tags", "data.labels=O,B-PER,I-PER,B-LOC,I-LOC",
                                    "train.steps=12", "train.log_every=1", "data.buckets=[16,32]"],
                  rows, ner_rows(20, 1))
-    peak = peak_flops_per_device()[0] * 8  # the 8 simulated devices of the mesh
+    import math
+
+    import jax
+    from jtl.sharding import mesh_shape
+    peak = peak_flops_per_device()[0] * math.prod(mesh_shape(cfg.mesh, jax.device_count()))  # the mesh's devices
     B = cfg.train.batch_size
     widths = set()
     for line in (cfg.out_dir / "metrics.jsonl").read_text().splitlines():
