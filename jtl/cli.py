@@ -19,10 +19,17 @@ def _setup_logging(verbose: bool) -> None:
 
 def cmd_train(args) -> int:
     from jtl import config
-    from jtl.tasks import get as get_task
     cfg = config.load(args.config, args.overrides)
     from jtl.run import distributed
     distributed.start(cfg.distributed)  # before any other JAX call; a no-op for one process
+    from jtl import preemption
+    with preemption.Guard():  # from here on, SIGTERM means "checkpoint and exit 75"
+        return _train(cfg, args)
+
+
+def _train(cfg, args) -> int:
+    from jtl.run import distributed
+    from jtl.tasks import get as get_task
     if args.seeds:
         from jtl.run.seeds import parse_seeds, run_seeds
         print(json.dumps(run_seeds(cfg, parse_seeds(args.seeds)), indent=2, default=float))

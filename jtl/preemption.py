@@ -60,16 +60,28 @@ class Guard:
     a long native call (XLA compiling the first step, a big host transfer) a handler
     would wait, and a second signal would merge into the first. The C-level handler
     writes every signal to a wakeup pipe at once (``signal.set_wakeup_fd``); a watcher
-    thread reads it: the first signal sets the stop flag, the second exits at once."""
+    thread reads it: the first signal sets the stop flag, the second exits at once.
+
+    Guards nest: inside an active guard, ``with Guard() as g`` gives the outer one. ``jtl
+    train`` holds one for the whole command, so a signal that arrives before the loop
+    (while the model is restored or the data is read) is kept for the first step boundary
+    instead of killing the process with the default handler."""
+
+    _active: "Guard | None" = None
 
     def __init__(self):
         self._flag = threading.Event()
         self._previous = {}
         self._wakeup = None
+        self._nested = False
         self.signal_name = None
         self.received = 0
 
     def __enter__(self):
+        if Guard._active is not None:
+            self._nested = True
+            return Guard._active
+        Guard._active = self
         if not _distributed() and threading.current_thread() is threading.main_thread():
             r, w = os.pipe()
             os.set_blocking(w, False)
@@ -80,6 +92,10 @@ class Guard:
         return self
 
     def __exit__(self, *exc):
+        if self._nested:
+            self._nested = False
+            return False
+        Guard._active = None
         if self._wakeup is not None:
             r, w, old = self._wakeup
             signal.set_wakeup_fd(old)

@@ -133,3 +133,36 @@ def test_a_second_sigterm_during_the_first_compile_exits_at_once(tmp_path, repo)
     out = "".join(seen) + rest
     assert proc.returncode == 128 + signal.SIGTERM, out
     assert "second SIGTERM: exiting at once" in out and "preempted at step" not in out, out
+
+
+def test_a_sigterm_before_the_step_loop_still_checkpoints_and_exits_75(tmp_path, repo):
+    """A SIGTERM that arrives while the run is still starting (data read, model being
+    born) used to kill the process with the default handler (-15): the command's guard
+    now keeps it for the first step boundary, as a scheduler expects of exit code 75."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    proc = subprocess.Popen([sys.executable, "-m", "jtl.cli", "train", "tiny-mlm", f"run_dir={tmp_path / 'run'}",
+                             "model.hidden=32", "model.layers=1", "model.heads=2", "model.mlp=64",
+                             "data.max_examples=300", "data.tokenizer_vocab=300", "model.vocab_size=300",
+                             "train.batch_size=8", "train.steps=50", "train.progress=false", "mesh.data=1",
+                             "checkpoint.enabled=true"],
+                            cwd=repo, env=dict(os.environ), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    try:
+        seen = []
+        for line in proc.stdout:
+            seen.append(line)
+            if "rows of" in line:  # the data is read; the model is not born yet
+                break
+        else:
+            raise AssertionError("the run never read its data:\n" + "".join(seen))
+        proc.send_signal(signal.SIGTERM)
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    out = "".join(seen) + rest
+    assert proc.returncode == 75, out
+    assert "preempted at step 1;" in out, out
+    assert (tmp_path / "run" / "checkpoints" / "1").is_dir()

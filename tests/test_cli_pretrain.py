@@ -8,7 +8,7 @@ from jtl.cli import main
 SMALL = ["model.hidden=64", "model.layers=2", "model.heads=4", "model.mlp=128", "data.seq_len=32",
          "model.max_len=32", "data.max_examples=3000", "data.tokenizer_vocab=1000",
          "model.vocab_size=1000", "train.batch_size=32", "train.log_every=10", "train.progress=false",
-         "optim.lr=2e-3", "mesh.data=2", "mesh.fsdp=2", "mesh.tensor=2"]
+         "optim.lr=2e-3", "mesh.data=1", "mesh.fsdp=2"]  # sharded params; every axis: test_sharded_parity
 
 
 def losses(run_dir):

@@ -73,3 +73,28 @@ def test_nan_skip_keeps_params_and_counts():
         np.testing.assert_array_equal(before[k], after[k])
     state, m = setup.train_step(state, S.global_batch(mesh, lm_batch("clm")))
     assert bool(m["finite"]) and int(m["step"]) == 2
+
+
+def test_runs_of_one_process_share_programs_only_when_nothing_traced_differs():
+    """Runs that differ only in what no program sees (data paths, seeds, logging) share
+    the traced and compiled programs; any key a program sees gives new ones."""
+    from jtl.train import compiled_programs
+    mesh = S.make_mesh((1, 1, 1), jax.devices()[:1])
+    base = tiny_cfg("mlm")
+    first = compiled_programs(base, SPEC, mesh, 10)
+    untraced = tiny_cfg("mlm", **{"train.seed": 7, "data.sample_seed": 3, "run_dir": "/tmp/elsewhere",
+                                  "data.train": "other.txt", "train.log_every": 1, "checkpoint.enabled": True})
+    assert compiled_programs(untraced, SPEC, mesh, 10) is first
+    for over in ({"optim.lr": 2e-2}, {"model.dropout": 0.1}, {"data.mask_prob": 0.2},
+                 {"train.nan_policy": "skip"}, {"optim.freeze": ("embed",)}, {"task.label_smoothing": 0.1}):
+        assert compiled_programs(tiny_cfg("mlm", **over), SPEC, mesh, 10) is not first, over
+    assert compiled_programs(base, SPEC, mesh, 11) is not first  # the schedule's length
+    assert compiled_programs(base, TaskSpec(mask_id=4, max_predictions=5), mesh, 10) is not first
+    assert compiled_programs(base, SPEC, S.make_mesh((2, 1, 1), jax.devices()[:2]), 10) is not first
+    # Two seeds through one program still start from different weights.
+    a = build(base, SPEC, mesh, 10).params
+    b = build(untraced, SPEC, mesh, 10).params
+    ka = dict(nnx.to_flat_state(a))
+    kb = dict(nnx.to_flat_state(b))
+    k = next(p for p in ka if ".".join(map(str, p)).endswith("embed.tokens"))
+    assert not np.array_equal(np.asarray(ka[k]), np.asarray(kb[k]))

@@ -17,8 +17,13 @@ DECODER_SPECIALS = ["<|endoftext|>"]
 def load_tokenizer(path: str):
     """A ``PreTrainedTokenizerFast`` from a folder (tokenizer.json, or vocab.txt for BERT)
     or a tokenizer.json file. Never runs remote code."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
     p = Path(path)
+    if p.is_dir() and _generic_class(p):
+        # jtl's own tokenizers (and any folder that names the generic class): the class
+        # AutoTokenizer would pick, without importing every tokenizer class it knows (2 s).
+        return PreTrainedTokenizerFast.from_pretrained(str(p))
+    from transformers import AutoTokenizer
     if p.is_file():
         if p.suffix != ".json":
             raise ConfigError(f"data.tokenizer={path!r}: expected a tokenizer.json file or a folder")
@@ -37,6 +42,19 @@ def load_tokenizer(path: str):
         raise ConfigError(f"tokenizer {path!r}: not a local file/folder and could not be fetched "
                           f"from the hub ({type(e).__name__}); offline, point to a local folder "
                           f"with tokenizer.json") from None
+
+
+def _generic_class(folder: Path) -> bool:
+    """Whether ``folder`` holds a tokenizer.json whose tokenizer_config.json names the
+    generic fast-tokenizer class (what jtl writes), not a model-specific one."""
+    cfg_file = folder / "tokenizer_config.json"
+    if not (folder / "tokenizer.json").is_file() or not cfg_file.is_file():
+        return False
+    try:
+        name = json.loads(cfg_file.read_text()).get("tokenizer_class")
+    except (ValueError, OSError, AttributeError):
+        return False  # AutoTokenizer reports the broken file
+    return name in ("TokenizersBackend", "PreTrainedTokenizerFast")
 
 
 def train_tokenizer(texts: Iterable[str], vocab_size: int, *, kind: str, lowercase: bool = True,
