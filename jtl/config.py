@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import types
 import typing
@@ -413,7 +414,29 @@ def load_yaml(name: str, _seen: tuple = ()) -> dict:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: top level must be a mapping of keys")
     base = raw.pop("base", None)
+    if path.parent == CONFIG_DIR.resolve():
+        _anchor_preset_paths(raw, path)
     return _merge(load_yaml(base, _seen + (path,)), raw) if base else raw
+
+
+# Path keys whose relative values, in a preset shipped in configs/, name files of this
+# repository (examples/data/...). They are made absolute against the repo root, so a
+# preset works from any directory and never picks up a same-named file elsewhere.
+# Relative paths in the user's own YAML files and in key=value overrides stay relative
+# to the current directory.
+_PATH_KEYS = (("data", "train"), ("data", "validation"), ("data", "test"), ("data", "tokenizer"),
+              ("model", "init_from"))
+
+
+def _anchor_preset_paths(raw: dict, preset: Path) -> None:
+    root = CONFIG_DIR.resolve().parent
+    for section, key in _PATH_KEYS:
+        value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
+        if not isinstance(value, str) or os.path.isabs(value) or not (root / value).exists():
+            continue
+        raw[section][key] = str(root / value)
+        logging.getLogger("jtl").info("preset %s: %s.%s=%s is the repository's %s (not looked up in the "
+                                      "current directory)", preset.stem, section, key, value, root / value)
 
 
 def parse_value(text: str) -> Any:

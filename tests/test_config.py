@@ -82,3 +82,25 @@ def test_label_one_as_text_and_as_int_is_one_label():
     assert infer_labels(rows, cfg, "value") == ("0", "1", "2", "10")
     rows = [Row({"text": "a", "label": v}, f"f:{i}") for i, v in enumerate(["pos", "neg", "pos"])]
     assert infer_labels(rows, cfg, "value") == ("neg", "pos")
+
+
+def test_preset_data_paths_name_the_repos_files_from_any_directory(tmp_path, monkeypatch, caplog):
+    """configs/ presets name committed files (examples/data/...): they resolve against the
+    repository, not the current directory, and the log says so. The user's own YAML and
+    key=value overrides stay relative to the current directory."""
+    import logging
+    from pathlib import Path
+    repo = Path(config.__file__).resolve().parent.parent
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "examples" / "data").mkdir(parents=True)
+    (tmp_path / "examples" / "data" / "reviews_unlabelled.txt").write_text("a decoy\n")
+    with caplog.at_level(logging.INFO, logger="jtl"):
+        cfg = config.load("tiny-mlm")
+    assert cfg.data.train == str(repo / "examples" / "data" / "reviews_unlabelled.txt")
+    assert any("preset tiny-mlm: data.train=examples/data/reviews_unlabelled.txt is the repository's"
+               in r.getMessage() for r in caplog.records)
+    assert config.load("tiny-mlm", ["data.train=mine.txt"]).data.train == "mine.txt"
+    (tmp_path / "mine.yaml").write_text("base: tiny-mlm\ndata:\n  validation: examples/data/reviews_unlabelled.txt\n")
+    own = config.load(str(tmp_path / "mine.yaml"))
+    assert own.data.validation == "examples/data/reviews_unlabelled.txt"  # the user's file: cwd-relative
+    assert own.data.train == cfg.data.train  # inherited from the preset
