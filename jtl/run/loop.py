@@ -87,14 +87,16 @@ class StepLogger:
                 f"(lower optim.lr, set optim.clip_norm, or check the data)")
 
     def _handle(self, step, metrics, padded_tokens, flops):
-        real_tokens = int(metrics["real_tokens"])  # summed over every process's rows on device
+        # One transfer for the two scalars read every step (real tokens are summed over
+        # every process's rows on device); the rest only on logging steps.
+        real_tokens, finite = jax.device_get((metrics["real_tokens"], metrics["finite"]))
+        real_tokens, finite = int(real_tokens), bool(finite)
         self.real_total += real_tokens
         self.padded_total += padded_tokens
         self.window_tokens += real_tokens
         self.window_padded += padded_tokens
         self.window_flops += flops
         self.window_steps += 1
-        finite = bool(metrics["finite"])
         if not finite:
             if self.cfg.train.nan_policy == "stop":
                 loss = float(metrics["loss"])
