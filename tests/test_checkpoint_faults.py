@@ -119,3 +119,21 @@ def test_a_failed_save_exits_promptly_and_non_zero(reference, tmp_path):
     assert re.search(f"jtl: error: saving (a checkpoint|step 4) to {re.escape(str(ckdir))} failed: "
                      f"PermissionError", proc.stderr), proc.stderr[-3000:]
     assert not ckpt.all_steps(ckdir)
+
+
+def test_resume_from_another_run_takes_its_tokenizer_and_a_refused_resume_writes_nothing(reference, tmp_path):
+    """checkpoint.resume_from=OTHER_RUN pairs the other run's weights with the other run's
+    tokenizer (not a new one trained here); a resume refused as incompatible leaves the
+    run's config.yaml as it was (run files are written only after the resume succeeded)."""
+    new = tmp_path / "new"
+    # A tokenizer trained here would differ (another vocabulary size): it must not be trained.
+    summary = pretrain(make_cfg(new, f"checkpoint.resume_from={reference}", f"train.steps={STEPS + 2}",
+                                "data.tokenizer_vocab=900"))
+    assert summary["resumed_from_step"] == STEPS
+    assert (new / "tokenizer" / "tokenizer.json").read_bytes() == \
+        (reference / "tokenizer" / "tokenizer.json").read_bytes()
+    run = _copy(reference, tmp_path)
+    before = (run / "config.yaml").read_bytes()
+    with pytest.raises(ckpt.IncompatibleCheckpoint, match="model.mlp: 64 -> 48"):
+        pretrain(make_cfg(run, "model.mlp=48"))
+    assert (run / "config.yaml").read_bytes() == before
