@@ -431,7 +431,8 @@ _PATH_KEYS = (("data", "train"), ("data", "validation"), ("data", "test"), ("dat
 def _anchor_preset_paths(raw: dict, preset: Path) -> None:
     root = CONFIG_DIR.resolve().parent
     for section, key in _PATH_KEYS:
-        value = (raw.get(section) or {}).get(key) if isinstance(raw.get(section), dict) else None
+        values = raw.get(section)
+        value = values.get(key) if isinstance(values, dict) else None
         if not isinstance(value, str) or os.path.isabs(value) or not (root / value).exists():
             continue
         raw[section][key] = str(root / value)

@@ -220,14 +220,18 @@ class InMesh:
             return self.jitted.trace(*args, *self._bound_shapes())
 
 
+def _seed_arg(cfg: Config, mesh) -> tuple:
+    """The train step's trailing (seed, sharding) argument, bound by ``InMesh``."""
+    return ((np.uint32(cfg.train.seed), NamedSharding(mesh, P())),)
+
+
 def jit_train_step(cfg: Config, spec: TaskSpec, mesh, graphdef, shardings, total_steps: int) -> InMesh:
     """The jitted train step for these state shardings (also used for AOT analysis
     from ``abstract_state``, where nothing is allocated)."""
     repl = NamedSharding(mesh, P())
     step_fn = make_train_step(cfg, spec, graphdef, total_steps)
     return InMesh(mesh, jax.jit(step_fn, donate_argnums=0, in_shardings=(shardings, None, repl),
-                                out_shardings=(shardings, repl)),
-                  bound=((np.uint32(cfg.train.seed), repl),))
+                                out_shardings=(shardings, repl)), bound=_seed_arg(cfg, mesh))
 
 
 @dataclass(frozen=True)
@@ -295,7 +299,6 @@ def build(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int,
     S.check_batch_fits(cfg.train.batch_size, cfg.train.microbatches, mesh)
     progs = compiled_programs(cfg, spec, mesh, total_steps)
     graphdef, state, shardings = init_state(cfg, spec, mesh, total_steps, load_params, restore, progs)
-    repl = NamedSharding(mesh, P())
-    train_step = InMesh(mesh, progs.train, bound=((np.uint32(cfg.train.seed), repl),))
+    train_step = InMesh(mesh, progs.train, bound=_seed_arg(cfg, mesh))  # this run's seed, shared program
     eval_step = InMesh(mesh, progs.eval)
     return Setup(cfg, spec, mesh, graphdef, state, shardings, train_step, eval_step, total_steps)
