@@ -354,6 +354,25 @@ def test_shape_problems_reported_together(saved, tmp_path):
     assert "unexpected encoder.layer.0.attention.self.extra.weight (3, 3)" in msg
 
 
+def test_a_config_json_that_disagrees_with_its_tensors_is_blamed_not_the_users_keys(saved, tmp_path):
+    folder, _ = saved["bert"]
+    bad = tmp_path / "bad"
+    shutil.copytree(folder, bad)
+    hf = json.loads((bad / "config.json").read_text())
+    width = hf["hidden_size"]
+    hf["hidden_size"] = 2 * width  # the user sets no model.* key: the sizes all come from here
+    (bad / "config.json").write_text(json.dumps(hf))
+    cfg = resolve_config(jtl_config("classification", bad))
+    assert cfg.model.hidden == 2 * width
+    with pytest.raises(WeightsError) as err:
+        params_loader(cfg)(_abstract(cfg))
+    msg = str(err.value)
+    assert str(bad) in msg and "config.json" in msg and "that config disagrees with its tensors" in msg
+    assert f"the checkpoint's tensors are {width} wide but the model is {2 * width} wide" in msg
+    assert f"(width: checkpoint {width}, model.hidden={2 * width})" in msg
+    assert "vocab size" not in msg  # the vocabulary agrees: no false lead
+
+
 def test_wrong_family_and_unknown_model_type(saved, tmp_path):
     folder, _ = saved["bert"]
     cfg = jtl_config("clm", folder, family="llama", type_vocab=0)

@@ -166,7 +166,12 @@ def load_params(model_cfg: ModelConfig, task: str, source, abstract_params) -> d
             msg = (f"shape {name}: checkpoint {k} {s} -> {T.converted_shape(s, ops, dims)}, "
                    f"model expects {per}")
             if spath == ("backbone", "embed", "tokens"):
-                msg += f" (vocab size: checkpoint {s[0]}, model.vocab_size={model_cfg.vocab_size})"
+                if s[0] != per[0]:
+                    msg += f" (vocab size: checkpoint {s[0]}, model.vocab_size={model_cfg.vocab_size})"
+                if s[1] != per[1]:
+                    msg += f" (width: checkpoint {s[1]}, model.hidden={model_cfg.hidden})"
+                    problems.insert(0, f"the checkpoint's tensors are {s[1]} wide but the model is "
+                                       f"{model_cfg.hidden} wide")
             problems.append(msg)
         if missing or bad:
             continue
