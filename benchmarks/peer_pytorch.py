@@ -126,43 +126,56 @@ def timed(fn, n: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def compare(preset: str, batch: int, seq: int, rounds: int, steps: int, full_head: bool, peak: float,
-            warmup: int = 2) -> dict:
-    cfg = bench.bench_config(preset, batch, seq, "float32")
+def one_round(r, preset, batch, seq, tokens, jtl_step, torch_step, steps) -> dict:
+    tj, cj = timed(jtl_step, steps)
+    tt, ct = timed(torch_step, steps)
+    print(f"[peer] {preset} b{batch} s{seq} round {r}: jtl {tokens / tj:.0f} tok/s, "
+          f"torch {tokens / tt:.0f} tok/s, ratio {tt / tj:.2f}, CPU-time ratio {ct / cj:.2f}",
+          file=sys.stderr, flush=True)
+    return {"jtl_step_s": tj, "torch_step_s": tt, "ratio": tt / tj,
+            "jtl_cpu_s": cj, "torch_cpu_s": ct, "cpu_ratio": ct / cj}
+
+
+def jtl_side(cfg):
+    """(step(): one timed-ready jtl train step on a fixed synthetic batch, the compiled
+    program, compile seconds), one device."""
     mesh = S.make_mesh((1, 1, 1))
-    spec = bench.task_spec(cfg)
-    host = bench.synthetic_batch(cfg)
-    setup = build(cfg, spec, mesh, total_steps=10_000)
-    gbatch = S.global_batch(mesh, host)
+    setup = build(cfg, bench.task_spec(cfg), mesh, total_steps=10_000)
+    gbatch = S.global_batch(mesh, bench.synthetic_batch(cfg))
     t0 = time.perf_counter()
     compiled = setup.train_step.lower(setup.state, gbatch).compile()
     compile_s = time.perf_counter() - t0
     state = {"s": setup.state}
     setup.state = None
 
-    def jtl_step():
+    def step():
         state["s"], m = compiled(state["s"], gbatch, *setup.train_step.bound_args())
         jax.block_until_ready((state["s"], m))
 
+    return step, compiled, compile_s
+
+
+def compare(preset: str, batch: int, seq: int, rounds: int, steps: int, full_head: bool, peak: float,
+            warmup: int = 2, overrides=()) -> dict:
+    cfg = bench.bench_config(preset, batch, seq, "float32", overrides)
+    spec = bench.task_spec(cfg)
+    host = bench.synthetic_batch(cfg)
+    jtl_step, _, compile_s = jtl_side(cfg)
     side = TorchSide(cfg, host, full_head)
     for _ in range(warmup):  # first calls allocate
         jtl_step(), side.step()
     tokens = batch * seq
-    per_round = []
-    for r in range(rounds):
-        tj, cj = timed(jtl_step, steps)
-        tt, ct = timed(side.step, steps)
-        per_round.append({"jtl_step_s": tj, "torch_step_s": tt, "ratio": tt / tj,
-                          "jtl_cpu_s": cj, "torch_cpu_s": ct, "cpu_ratio": ct / cj})
-        print(f"[peer] {preset} b{batch} s{seq} round {r}: jtl {tokens / tj:.0f} tok/s, "
-              f"torch {tokens / tt:.0f} tok/s, ratio {tt / tj:.2f}, CPU-time ratio {ct / cj:.2f}",
-              file=sys.stderr, flush=True)
+    with bench.Quiet(f"peer {preset}") as quiet:
+        per_round = [one_round(r, preset, batch, seq, tokens, jtl_step, side.step, steps)
+                     for r in range(rounds)]
+    print(f"[peer] {preset}: {quiet.describe()}", file=sys.stderr, flush=True)
+
     flops = train_flops_per_step(cfg.model, batch, seq, cfg.task.kind, spec.max_predictions)
     jt = statistics.median(p["jtl_step_s"] for p in per_round)
     tt = statistics.median(p["torch_step_s"] for p in per_round)
     return {"preset": preset, "batch": batch, "seq": seq, "dtype": "float32", "task": cfg.task.kind,
             "torch_head": "full (stock HF labels=)" if full_head else "masked positions only",
-            "jtl_compile_s": compile_s, "rounds": per_round,
+            "jtl_compile_s": compile_s, "rounds": per_round, "quiet": quiet.report(),
             "ratio_median": statistics.median(p["ratio"] for p in per_round),
             "cpu_ratio_median": statistics.median(p["cpu_ratio"] for p in per_round),
             "jtl_cpu_s_per_step": statistics.median(p["jtl_cpu_s"] for p in per_round),
@@ -200,16 +213,25 @@ def main(argv=None) -> int:
     return 0
 
 
+def quiet_cell(r) -> str:
+    q = r.get("quiet")
+    if not q:
+        return "not recorded"
+    share = "?" if q["others_cpu_share"] is None else f"{100 * q['others_cpu_share']:.0f}%"
+    return f"{q['load_1min_at_start']}/{q['load_1min_after']}, {share}" + ("" if q["quiet"] else " **NOT QUIET**")
+
+
 def write(args, results, jp, tp):
     import transformers
     rows = [[r["preset"], r["batch"], r["seq"], r["torch_head"], f"{r['jtl_tokens_per_s']:.0f}",
              f"{r['torch_tokens_per_s']:.0f}",
              f"**{r['ratio_median']:.2f}x** [{r['ratio_min']:.2f}-{r['ratio_max']:.2f}]",
              f"{r['cpu_ratio_median']:.2f}x",
-             f"{100 * r['jtl_mfu']:.1f}%", f"{100 * r['torch_mfu']:.1f}%"] for r in results]
+             f"{100 * r['jtl_mfu']:.1f}%", f"{100 * r['torch_mfu']:.1f}%", quiet_cell(r)] for r in results]
     table = bench.md_table(["preset", "batch", "seq", "PyTorch MLM head", "jtl tokens/s", "PyTorch tokens/s",
                             "ratio jtl/PyTorch median [min-max]",
-                            "CPU-seconds ratio PyTorch/jtl", "jtl MFU", "PyTorch MFU"], rows)
+                            "CPU-seconds ratio PyTorch/jtl", "jtl MFU", "PyTorch MFU",
+                            "load at start/after, others' CPU share"], rows)
     machine = {**bench.machine(), "torch": torch.__version__, "transformers": transformers.__version__,
                "torch_threads": torch.get_num_threads()}
     out = Path(args.out)

@@ -40,7 +40,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jtl.bench_report import fmt_bytes, machine, md_table, write_report  # noqa: F401 (re-exported)
+from jtl.bench_report import Quiet, add_quiet, fmt_bytes, machine, md_table, write_report  # noqa: F401 (re-exported)
 
 DEFAULT_PRESETS = ("minilm-l6", "bert-base")
 FULL_PRESETS = ("minilm-l6", "bert-base", "bert-large", "gpt2-small", "llama-1b")
@@ -415,7 +415,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.what == "scaling":
         want = max(_ints(args.devices))
         _ensure_host_devices(want)
-    {"throughput": run_throughput, "scaling": run_scaling, "aot": run_aot}[args.what](args)
+    with Quiet(f"bench {args.what}") as quiet:
+        {"throughput": run_throughput, "scaling": run_scaling, "aot": run_aot}[args.what](args)
+    if args.what != "aot":  # aot only compiles: nothing timed
+        add_quiet(Path(args.out), args.what, quiet.report())
     return 0
 
 

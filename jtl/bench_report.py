@@ -12,6 +12,78 @@ from pathlib import Path
 import numpy as np
 
 
+_SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "amx_bf16", "amx_tile")
+
+
+LOAD_AT_IMPORT = os.getloadavg()[0]  # before this process compiled anything
+
+
+class Quiet:
+    """How quiet the machine was around a timing run: the share of all cores that
+    *other* processes used meanwhile (from /proc/stat minus this process's own CPU
+    time), and the 1-minute load average when this process started, before and
+    after (the load average counts this process's own compiling too, so the
+    others' share decides). A speed ratio taken while something else ran is not a
+    figure: ``__exit__`` says so loudly and ``report()["quiet"]`` is false.
+
+        with bench.Quiet("peer") as q:
+            ...timed work...
+        doc["quiet"] = q.report()
+    """
+    OTHERS_LIMIT, LOAD_LIMIT = 0.1, 0.5  # cores other processes may use; load when no /proc/stat
+
+    def __init__(self, label: str = "bench"):
+        self.label, self.result = label, None
+
+    @staticmethod
+    def _busy_s():
+        try:
+            with open("/proc/stat") as f:
+                v = [int(x) for x in f.readline().split()[1:9]]
+        except (OSError, ValueError):
+            return None
+        user, nice, system, idle, iowait, irq, softirq, steal = v
+        return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+    @staticmethod
+    def _own_s():
+        t = os.times()
+        return t.user + t.system + t.children_user + t.children_system
+
+    def __enter__(self):
+        self.load_before = os.getloadavg()[0]
+        self.t0, self.busy0, self.own0 = time.monotonic(), self._busy_s(), self._own_s()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.monotonic() - self.t0
+        busy1 = self._busy_s()
+        others = None
+        if self.busy0 is not None and busy1 is not None and wall > 0:
+            others = max(0.0, (busy1 - self.busy0) - (self._own_s() - self.own0)) / (wall * os.cpu_count())
+        quiet = (others * os.cpu_count() <= self.OTHERS_LIMIT if others is not None
+                 else self.load_before <= self.LOAD_LIMIT)
+        self.result = {"load_1min_at_start": round(LOAD_AT_IMPORT, 2),
+                       "load_1min_before": round(self.load_before, 2),
+                       "load_1min_after": round(os.getloadavg()[0], 2),
+                       "others_cpu_share": None if others is None else round(others, 3),
+                       "wall_s": round(wall, 1), "quiet": quiet}
+        if not quiet:
+            print(f"[{self.label}] WARNING: NOT QUIET ({self.describe()}): other work shared the cores; "
+                  f"re-run alone before quoting these numbers", file=sys.stderr, flush=True)
+        return False
+
+    def report(self) -> dict:
+        return self.result
+
+    def describe(self) -> str:
+        r = self.result
+        share = "?" if r["others_cpu_share"] is None else f"{100 * r['others_cpu_share']:.1f}%"
+        return (f"other processes used {share} of the cores; load {r['load_1min_at_start']:.2f} at start, "
+                f"{r['load_1min_before']:.2f} before, {r['load_1min_after']:.2f} after; "
+                f"{'quiet' if r['quiet'] else 'NOT QUIET'}")
+
+
 def machine() -> dict:
     import jax
     info = {"platform": platform.platform(), "python": platform.python_version(),
@@ -27,8 +99,12 @@ def machine() -> dict:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
         for line in lscpu.splitlines():
             key, _, val = line.partition(":")
-            if key.strip() in ("Model name", "CPU(s)", "Thread(s) per core", "L2 cache", "L3 cache"):
+            if key.strip() in ("Model name", "CPU family", "Model", "CPU(s)", "Thread(s) per core",
+                               "L2 cache", "L3 cache"):
                 info["lscpu " + key.strip()] = val.strip()
+            elif key.strip() == "Flags":  # the SIMD level decides XLA's and torch's matmul speed
+                flags = val.split()
+                info["lscpu SIMD"] = " ".join(f for f in flags if f in _SIMD_FLAGS) or "none listed"
     except (OSError, subprocess.SubprocessError):
         pass
     return info
@@ -137,3 +213,16 @@ def write_report(out: Path, kind: str, results: list[dict], extra: dict | None =
     print(table)
 
 
+def add_quiet(out: Path, kind: str, quiet: dict) -> None:
+    """Record how quiet the machine was (``Quiet.report()``) in a written report."""
+    js, md = out / f"{kind}.json", out / f"{kind}.md"
+    if js.exists():
+        doc = json.loads(js.read_text())
+        doc["quiet"] = quiet
+        js.write_text(json.dumps(doc, indent=1, default=str))
+    if md.exists():
+        share = quiet["others_cpu_share"]
+        md.write_text(md.read_text() + f"\nMachine: other processes used "
+                      f"{'?' if share is None else f'{100 * share:.1f}%'} of the cores while timing; "
+                      f"1-minute load {quiet['load_1min_at_start']} at start, {quiet['load_1min_after']} "
+                      f"after; {'quiet' if quiet['quiet'] else 'NOT QUIET: not a figure'}.\n")

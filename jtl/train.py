@@ -118,15 +118,17 @@ def make_train_step(cfg: Config, spec: TaskSpec, graphdef, total_steps: int):
     lr_fn = schedule(cfg.optim, total_steps)
     micro, skip_nan = cfg.train.microbatches, cfg.train.nan_policy == "skip"
     trainable = trainable_filter(cfg.optim)
+    rng_impl = cfg.train.rng_impl
 
     def train_step(state, batch, seed):  # seed: traced (train.seed), so seeds share one program
         model, opt = nnx.merge(graphdef, state)
         mdef, params, frozen = nnx.split(model, trainable, ...)  # frozen: optim.freeze (often empty)
         step = opt.step[...]
-        rng = jax.random.fold_in(jax.random.key(seed), step)
+        rng = jax.random.fold_in(jax.random.key(seed, impl=rng_impl), step)
         mask_rng, rng = jax.random.split(rng)
         real_tokens = jnp.sum(batch["segment_ids"] > 0, dtype=jnp.int32)  # of the global batch
-        batch = prepare_batch(cfg, spec, batch, mask_rng)
+        with jax.named_scope("prepare_batch"):  # MLM masking, label shifting
+            batch = prepare_batch(cfg, spec, batch, mask_rng)
 
         def loss_fn(p, mb, r):
             loss_sum, count, extra = loss_and_outputs(cfg, spec, nnx.merge(mdef, p, frozen), mb, r)
@@ -150,10 +152,11 @@ def make_train_step(cfg: Config, spec: TaskSpec, graphdef, total_steps: int):
         denom = jnp.maximum(count, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
         loss = loss_sum / denom
-        grad_norm = optax.tree.norm(grads)
-        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        old = jax.tree.map(lambda x: x, nnx.state((model, opt))) if skip_nan else None  # values, not refs
-        opt.update(model, grads)
+        with jax.named_scope("optimizer"):
+            grad_norm = optax.tree.norm(grads)
+            finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+            old = jax.tree.map(lambda x: x, nnx.state((model, opt))) if skip_nan else None  # values, not refs
+            opt.update(model, grads)
         new = nnx.state((model, opt))
         if skip_nan:
             # A finite gradient can still overflow the update (huge lr): skip that too, so

@@ -53,7 +53,9 @@ def test_throughput_cli_writes_json_md_png(tiny, tmp_path):
     assert bench.main(["throughput", "--presets", tiny, "--batch", "8", "--seq", "16",
                        "--warmup", "1", "--steps", "2", "--out", str(out)]) == 0
     doc = json.loads((out / "throughput.json").read_text())
-    assert {"machine", "results", "host_peak_flops", "command"} <= set(doc)
+    assert {"machine", "results", "host_peak_flops", "command", "quiet"} <= set(doc)
+    assert {"load_1min_at_start", "load_1min_after", "others_cpu_share", "quiet"} <= set(doc["quiet"])
+    assert "lscpu SIMD" in doc["machine"] and "lscpu CPU family" in doc["machine"]
     r = doc["results"][0]
     for key in ("tokens_per_s", "examples_per_s", "step_s_median", "step_s_min", "step_s_max",
                 "compile_s", "mfu", "model_flops_per_step", "hlo_flops_per_device", "memory",
@@ -65,6 +67,25 @@ def test_throughput_cli_writes_json_md_png(tiny, tmp_path):
     assert r["memory"]["temp"] > 0 and r["memory"]["argument"] > 0
     assert (out / "throughput.png").stat().st_size > 1000
     assert "tokens/s" in (out / "throughput.md").read_text()
+    assert "of the cores while timing" in (out / "throughput.md").read_text()
+
+
+def test_a_timing_run_next_to_a_busy_process_is_marked_not_quiet(capsys):
+    import subprocess
+    import sys
+    import time
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        time.sleep(0.3)  # let it start spinning
+        with bench.Quiet("probe") as q:
+            time.sleep(1.0)  # this process idles; the spinner takes a core
+    finally:
+        spinner.kill()
+        spinner.wait()
+    r = q.report()
+    import os
+    assert r["others_cpu_share"] * os.cpu_count() >= 0.5 and r["quiet"] is False, r  # about one core
+    assert "NOT QUIET" in capsys.readouterr().err
 
 
 def test_collective_parser_on_hlo_text():

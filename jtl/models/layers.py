@@ -39,6 +39,7 @@ def dense(x, w, b=None, dtype=None):
     return y if b is None else y + b.astype(dtype)
 
 
+@jax.named_scope("norm")
 def layer_norm(x, scale, bias, eps):
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
@@ -47,6 +48,7 @@ def layer_norm(x, scale, bias, eps):
     return (y + bias.astype(jnp.float32)).astype(x.dtype)
 
 
+@jax.named_scope("norm")
 def rms_norm(x, scale, eps):
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + eps)
@@ -69,8 +71,9 @@ def dropout(x, rate: float, rng):
     """Inverted dropout; ``rng=None`` means deterministic (eval)."""
     if rng is None or rate == 0.0:
         return x
-    keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+    with jax.named_scope("dropout"):  # scope names label the profile (benchmarks/profile_step.py)
+        keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def attention_mask(segment_ids, causal: bool):
@@ -102,6 +105,11 @@ def rope(x, positions, theta: float):
 
 def attention(q_BSHD, k_BSKD, v_BSKD, mask_B1SS, *, dropout_rate=0.0, rng=None):
     """Softmax attention with grouped-query support (H query heads share K kv heads)."""
+    with jax.named_scope("attention"):
+        return _attention(q_BSHD, k_BSKD, v_BSKD, mask_B1SS, dropout_rate, rng)
+
+
+def _attention(q_BSHD, k_BSKD, v_BSKD, mask_B1SS, dropout_rate, rng):
     b, s, h, d = q_BSHD.shape
     kv = k_BSKD.shape[2]
     if kv == h:

@@ -44,7 +44,11 @@ def mlm_max_predictions(seq_len: int, mask_prob: float) -> int:
 
 
 def xent(logits, labels, smoothing: float = 0.0):
-    logits = logits.astype(jnp.float32)
+    with jax.named_scope("loss"):
+        return _xent(logits.astype(jnp.float32), labels, smoothing)
+
+
+def _xent(logits, labels, smoothing):
     if smoothing:
         onehot = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
         return optax.softmax_cross_entropy(logits, onehot)

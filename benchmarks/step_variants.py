@@ -1,0 +1,98 @@
+"""Which implementation choice makes jtl's train step faster: variants of one
+preset's step (config overrides), timed in one process, alternating, on the
+same synthetic batch.
+
+    .venv/bin/python benchmarks/step_variants.py --preset minilm-l6 --batch 32 --seq 128 \
+        --variant base: --variant rbg:train.rng_impl=rbg --variant unsafe_rbg:train.rng_impl=unsafe_rbg \
+        --rounds 6 --steps 2 --out benchmarks/results/cpu/variants-rng
+
+``--variant NAME:key=value,key=value`` (an empty override list is the preset as
+it is). Each round times ``--steps`` steps of every variant in turn (the order
+rotates every round); the report gives each variant's median step time and its
+speed ratio to the first variant, median [min-max] over rounds. The machine's
+quietness is recorded (``jtl.bench.Quiet``); a run that was not quiet says so.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from jtl import bench  # noqa: E402
+from peer_pytorch import jtl_side, timed  # noqa: E402
+
+
+def parse_variant(text: str) -> tuple[str, list[str]]:
+    name, sep, rest = text.partition(":")
+    if not sep or not name:
+        raise SystemExit(f"--variant {text!r}: expected NAME:key=value,... (NAME: for the preset as is)")
+    return name, [o for o in rest.split(",") if o]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", default="minilm-l6")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--variant", action="append", required=True, help="NAME:key=value,...")
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--steps", type=int, default=2)
+    p.add_argument("--out", default="runs/bench/variants")
+    args = p.parse_args(argv)
+    variants = [parse_variant(v) for v in args.variant]
+    steps = {}
+    for name, over in variants:
+        cfg = bench.bench_config(args.preset, args.batch, args.seq, "float32", over)
+        step, _, compile_s = jtl_side(cfg)
+        step(), step()  # first calls allocate
+        steps[name] = step
+        print(f"[variants] {name}: compiled in {compile_s:.1f} s ({', '.join(over) or 'preset as is'})",
+              file=sys.stderr, flush=True)
+    names = [n for n, _ in variants]
+    rounds = []
+    with bench.Quiet("variants") as quiet:
+        for r in range(args.rounds):
+            order = names[r % len(names):] + names[:r % len(names)]
+            times = {n: timed(steps[n], args.steps)[0] for n in order}
+            rounds.append(times)
+            print(f"[variants] round {r}: " + ", ".join(f"{n} {1e3 * times[n]:.0f} ms" for n in names),
+                  file=sys.stderr, flush=True)
+    base = names[0]
+    tokens = args.batch * args.seq
+    results = []
+    for name, over in variants:
+        ratios = [rd[base] / rd[name] for rd in rounds]
+        med = statistics.median(rd[name] for rd in rounds)
+        results.append({"variant": name, "overrides": over, "step_s_median": med, "tokens_per_s": tokens / med,
+                        "speed_vs_first_median": statistics.median(ratios), "speed_vs_first_min": min(ratios),
+                        "speed_vs_first_max": max(ratios)})
+    rows = [[r["variant"], ", ".join(r["overrides"]) or "(preset)", f"{1e3 * r['step_s_median']:.0f}",
+             f"{r['tokens_per_s']:.0f}",
+             f"**{r['speed_vs_first_median']:.3f}x** [{r['speed_vs_first_min']:.3f}-{r['speed_vs_first_max']:.3f}]"]
+            for r in results]
+    table = bench.md_table(["variant", "overrides", "step ms (median)", "tokens/s", f"speed vs {base}"], rows)
+    q = quiet.report()
+    machine = bench.machine()
+    doc = {"kind": "step_variants", "command": " ".join(sys.argv), "preset": args.preset, "batch": args.batch,
+           "seq": args.seq, "rounds": rounds, "results": results, "quiet": q, "machine": machine,
+           "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "variants.json").write_text(json.dumps(doc, indent=1))
+    mach = "\n".join(f"- {k}: {v}" for k, v in machine.items())
+    (out / "variants.md").write_text(
+        f"# Train-step variants: {args.preset} B={args.batch} S={args.seq}\n\n`{doc['command']}` at "
+        f"{doc['time_utc']}\n\n{table}\n\n{args.rounds} alternating rounds of {args.steps} steps. Machine: "
+        f"{quiet.describe()}.\n\n{mach}\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
