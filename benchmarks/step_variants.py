@@ -7,7 +7,9 @@ same synthetic batch.
         --rounds 6 --steps 2 --out benchmarks/results/cpu/variants-rng
 
 ``--variant NAME:key=value,key=value`` (an empty override list is the preset as
-it is). Each round times ``--steps`` steps of every variant in turn (the order
+it is); besides config keys, ``jtl.threefry=rolled|unrolled`` picks jax's CPU
+lowering of the threefry hash for that variant (``jtl.models.layers.threefry_unrolled_on_cpu``;
+jtl's default is unrolled). Each round times ``--steps`` steps of every variant in turn (the order
 rotates every round); the report gives each variant's median step time and its
 speed ratio to the first variant, median [min-max] over rounds. The machine's
 quietness is recorded (``jtl.bench.Quiet``); a run that was not quiet says so.
@@ -24,7 +26,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from jtl import bench  # noqa: E402
+import jax  # noqa: E402
+
+from jtl import bench, train  # noqa: E402
+from jtl.models.layers import threefry_unrolled_on_cpu  # noqa: E402
 from peer_pytorch import jtl_side, timed  # noqa: E402
 
 
@@ -48,7 +53,12 @@ def main(argv=None) -> int:
     variants = [parse_variant(v) for v in args.variant]
     steps = {}
     for name, over in variants:
-        cfg = bench.bench_config(args.preset, args.batch, args.seq, "float32", over)
+        lowering = [o.partition("=")[2] for o in over if o.startswith("jtl.threefry=")]
+        threefry_unrolled_on_cpu(lowering[-1] != "rolled" if lowering else True)
+        jax.clear_caches()
+        train._PROGRAMS.clear()  # each variant lowers and compiles its own program
+        cfg = bench.bench_config(args.preset, args.batch, args.seq, "float32",
+                                 [o for o in over if not o.startswith("jtl.")])
         step, _, compile_s = jtl_side(cfg)
         step(), step()  # first calls allocate
         steps[name] = step

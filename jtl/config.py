@@ -159,9 +159,10 @@ class TrainConfig:
     patience: int = 0  # early stopping evaluations without improvement; 0 = off
     seed: int = 0
     nan_policy: Literal["stop", "skip"] = "stop"
-    # Random bits for dropout and MLM masking (a jax.random key implementation). The counter
-    # based ones (threefry*, philox*) give the same bits on every backend and sharding;
-    # rbg / unsafe_rbg use XLA's RngBitGenerator, whose bits may differ between backends.
+    # Random bits for dropout and MLM masking (a jax.random key implementation). threefry2x32
+    # gives the same bits on every backend and mesh; philox* (one device only: jax 0.10 cannot
+    # shard it) and rbg / unsafe_rbg (XLA's RngBitGenerator: bits may differ between
+    # backends) are there to compare (benchmarks/step_variants.py).
     rng_impl: Literal["threefry2x32", "threefry4x32", "philox2x32", "philox4x32", "rbg",
                       "unsafe_rbg"] = "threefry2x32"
     # nan_policy=skip: stop with an error after this many skipped updates in a row; 0 = never

@@ -21,7 +21,7 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from jtl import sharding as S
-from jtl.config import Config
+from jtl.config import Config, ConfigError
 from jtl.models import Model
 from jtl.optim import make_tx, schedule, trainable_filter, tree_finite
 from jtl.tasks import TaskSpec, loss_and_outputs, prepare_batch
@@ -300,6 +300,9 @@ def build(cfg: Config, spec: TaskSpec, mesh: Mesh, total_steps: int,
     """Sharded state + jitted train/eval steps for this mesh (one jit per mesh/rules).
     Where the state comes from is ``jtl.run.birth``'s decision (see ``init_state``)."""
     S.check_batch_fits(cfg.train.batch_size, cfg.train.microbatches, mesh)
+    if cfg.train.rng_impl.startswith("philox") and mesh.size > 1:
+        raise ConfigError(f"train.rng_impl={cfg.train.rng_impl} works on one device only (jax cannot shard "
+                          f"its bits); this mesh has {mesh.size}: use threefry2x32 (the default)")
     progs = compiled_programs(cfg, spec, mesh, total_steps)
     graphdef, state, shardings = init_state(cfg, spec, mesh, total_steps, load_params, restore, progs)
     train_step = InMesh(mesh, progs.train, bound=_seed_arg(cfg, mesh))  # this run's seed, shared program

@@ -98,3 +98,35 @@ def test_runs_of_one_process_share_programs_only_when_nothing_traced_differs():
     kb = dict(nnx.to_flat_state(b))
     k = next(p for p in ka if ".".join(map(str, p)).endswith("embed.tokens"))
     assert not np.array_equal(np.asarray(ka[k]), np.asarray(kb[k]))
+
+
+def test_dropout_bits_are_the_same_with_the_unrolled_threefry_and_the_step_has_no_rng_loop():
+    """jtl lowers threefry unrolled on CPU (faster: no 5-iteration loop over the bit
+    array); the bits must be jax's own, and the train step must really lose the loop."""
+    from jtl.models import layers as L
+    draw = jax.jit(lambda k: jax.random.bernoulli(k, 0.9, (64, 48)))
+    key = jax.random.key(7)
+    try:
+        assert L.threefry_unrolled_on_cpu(False)
+        jax.clear_caches()
+        rolled = np.asarray(draw(key))
+        assert "stablehlo.while" in draw.lower(key).as_text()
+        assert L.threefry_unrolled_on_cpu(True)
+        jax.clear_caches()
+        unrolled = np.asarray(draw(key))
+        assert "stablehlo.while" not in draw.lower(key).as_text()
+    finally:
+        L.threefry_unrolled_on_cpu(True)  # jtl's default for the rest of this process
+    np.testing.assert_array_equal(rolled, unrolled)
+    cfg = tiny_cfg("mlm", **{"model.dropout": 0.1, "model.attention_dropout": 0.1, "model.scan_layers": False})
+    mesh = S.make_mesh((1, 1, 1), jax.devices()[:1])
+    setup = build(cfg, SPEC, mesh, total_steps=10)
+    hlo = setup.train_step.lower(setup.state, S.global_batch(mesh, lm_batch("mlm"))).as_text()
+    assert "threefry" in hlo and "stablehlo.while" not in hlo, "the step still loops over its random bits"
+
+
+def test_rng_impl_philox_on_a_sharded_mesh_is_refused_naming_the_key():
+    from jtl.config import ConfigError
+    mesh = S.make_mesh((2, 1, 1), jax.devices()[:2])
+    with pytest.raises(ConfigError, match=r"train\.rng_impl=philox4x32 works on one device only.*threefry2x32"):
+        build(tiny_cfg("mlm", **{"train.rng_impl": "philox4x32"}), SPEC, mesh, total_steps=10)

@@ -8,7 +8,8 @@ and how the tests run it; on a real cluster every host runs the jtl command itse
 (``srun``, ``mpirun``, a TPU VM's ``--worker=all``: see ``jtl.run.distributed``).
 
 * Exit code: 0 when every process succeeded, else the code of the first process that
-  failed (a signal N counts as 128+N); 75 when the run was preempted (every process
+  failed (a signal N counts as 128+N; of processes found ended at the same moment, one
+  killed by a signal counts as first: the others' errors follow from it); 75 when the run was preempted (every process
   saved the same step).
 * When a process fails, the others are given ``--grace`` seconds (default: twice the
   run's ``distributed.heartbeat_timeout`` plus 10 s) to end by themselves (JAX's
@@ -123,7 +124,9 @@ def launch(command: list[str], processes: int, devices: int = 1, grace: float | 
     try:
         while True:
             codes = [p.poll() for p in procs]
-            for rank, rc in enumerate(codes):
+            # A death by signal first: a peer's "connection reset" error seen in the same poll
+            # is its consequence, not the cause.
+            for rank, rc in sorted(enumerate(codes), key=lambda x: (x[1] is None or x[1] >= 0, x[0])):
                 if rc not in (None, 0, 75) and first_failure is None:  # 75: preempted, the others follow
                     first_failure = (rank, rc)
                     failed_at = time.monotonic()
