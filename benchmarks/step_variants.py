@@ -9,7 +9,8 @@ same synthetic batch.
 ``--variant NAME:key=value,key=value`` (an empty override list is the preset as
 it is); besides config keys, ``jtl.threefry=rolled|unrolled`` picks jax's CPU
 lowering of the threefry hash for that variant (``jtl.models.layers.threefry_unrolled_on_cpu``;
-jtl's default is unrolled). Each round times ``--steps`` steps of every variant in turn (the order
+jtl's default is unrolled) and ``jtl.layer_norm=twopass|onepass`` the layer norm
+(jtl's two-pass statistics, or a one-pass E[x^2] - E[x]^2 version). Each round times ``--steps`` steps of every variant in turn (the order
 rotates every round); the report gives each variant's median step time and its
 speed ratio to the first variant, median [min-max] over rounds. The machine's
 quietness is recorded (``jtl.bench.Quiet``); a run that was not quiet says so.
@@ -29,8 +30,34 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 
 from jtl import bench, train  # noqa: E402
-from jtl.models.layers import threefry_unrolled_on_cpu  # noqa: E402
+from jtl.models.layers import layer_norm as _SHIPPED_LAYER_NORM, threefry_unrolled_on_cpu  # noqa: E402
 from peer_pytorch import jtl_side, timed  # noqa: E402
+
+
+def _layer_norm_one_pass(x, scale, bias, eps):
+    """A layer norm that reads x once for both statistics (E[x], E[x^2]); jtl ships the
+    two-pass one (benchmarks/results/cpu/variants-layernorm: no faster on CPU)."""
+    import jax.numpy as jnp
+    x32 = x.astype(jnp.float32)
+    mean = x32.mean(-1, keepdims=True)
+    var = jnp.maximum(jnp.square(x32).mean(-1, keepdims=True) - jnp.square(mean), 0.0)
+    y = (x32 - mean) * jax.lax.rsqrt(var + eps) * scale.astype(jnp.float32)
+    return (y + bias.astype(jnp.float32)).astype(x.dtype)
+
+
+# jtl.NAME=VALUE overrides: implementation switches that are not config keys (the
+# alternatives jtl does not ship are kept here, to compare against).
+_SWITCHES = {"layer_norm": {"twopass": None, "onepass": _layer_norm_one_pass}}
+
+
+def apply_switches(over: list[str]) -> None:
+    from jtl.models import layers
+    want = dict(o[len("jtl."):].split("=", 1) for o in over if o.startswith("jtl."))
+    threefry_unrolled_on_cpu(want.pop("threefry", "unrolled") != "rolled")
+    impl = _SWITCHES["layer_norm"][want.pop("layer_norm", "twopass")]
+    layers.layer_norm = jax.named_scope("norm")(impl) if impl else _SHIPPED_LAYER_NORM
+    if want:
+        raise SystemExit(f"unknown jtl.* switches {sorted(want)}: known threefry, {', '.join(_SWITCHES)}")
 
 
 def parse_variant(text: str) -> tuple[str, list[str]]:
@@ -53,8 +80,7 @@ def main(argv=None) -> int:
     variants = [parse_variant(v) for v in args.variant]
     steps = {}
     for name, over in variants:
-        lowering = [o.partition("=")[2] for o in over if o.startswith("jtl.threefry=")]
-        threefry_unrolled_on_cpu(lowering[-1] != "rolled" if lowering else True)
+        apply_switches(over)
         jax.clear_caches()
         train._PROGRAMS.clear()  # each variant lowers and compiles its own program
         cfg = bench.bench_config(args.preset, args.batch, args.seq, "float32",

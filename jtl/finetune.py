@@ -188,7 +188,7 @@ def _finetune(cfg: Config, load_params, on_step) -> dict:
 
     t_build = time.perf_counter()
     ckdir = out_dir / "checkpoints"
-    setup, resumed, done = birth.begin(cfg, spec, mesh, total, out_dir, load_params)
+    setup, resumed, done = birth.begin(cfg, spec, mesh, total, out_dir, load_params, tok)
     if done is not None:
         return done
 

@@ -93,6 +93,18 @@ def measure_cpu_peak() -> float:
     return _CPU_PEAK
 
 
+def mesh_peak_flops(mesh) -> tuple[float, str]:
+    """(peak FLOP/s of the devices of ``mesh``, where the number came from): the MFU
+    denominator. On CPU every simulated device of a host shares all of its cores, so a
+    mesh of 1 of 8 simulated devices has the whole host's peak, not an eighth of it
+    (which let the MFU of such runs read above 100%): the host peak x processes."""
+    if jax.devices()[0].platform == "cpu":
+        return (measure_cpu_peak() * jax.process_count(),
+                "measured float32 matmul on this host (the mesh's simulated devices share it)")
+    peak, source = peak_flops_per_device()
+    return peak * mesh.size, f"{source} x {mesh.size} devices"
+
+
 def peak_flops_per_device() -> tuple[float, str]:
     """(peak FLOP/s of one device, where the number came from)."""
     d = jax.devices()[0]

@@ -92,7 +92,7 @@ def _pretrain(cfg: Config, load_params, on_step) -> dict:
              100 * real / rows["segment_ids"].size, total)
 
     ckdir = out_dir / "checkpoints"
-    setup, resumed, done = birth.begin(cfg, spec, mesh, total, out_dir, load_params)
+    setup, resumed, done = birth.begin(cfg, spec, mesh, total, out_dir, load_params, tok)
     if done is not None:
         return done
     it = train_iterator(rows, cfg.train.batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)

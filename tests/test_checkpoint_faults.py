@@ -14,6 +14,7 @@ import sys
 import pytest
 
 from jtl import checkpoint as ckpt
+from jtl.config import ConfigError
 from jtl.pretrain import pretrain
 from test_checkpoint import REPO, STEPS, TINY, assert_same, load, losses, make_cfg, reference  # noqa: F401
 
@@ -41,6 +42,8 @@ def test_fallback_sets_the_damaged_step_aside_and_saves_the_new_one(reference, t
     assert summary["resumed_from_step"] == 8
     ckdir = run / "checkpoints"
     assert ckpt.valid_steps(ckdir)[-1] == STEPS
+    assert 8 in ckpt.valid_steps(ckdir)  # retention kept the clean step the run resumed from
+    assert ckpt.verify_step(ckdir, 8) and ckpt.verify_step(ckdir, STEPS)
     aside = list((run / "checkpoints.damaged").iterdir())
     assert [p.name.split("-")[0] for p in aside] == ["12"]  # kept for inspection, never listed
     cfg = make_cfg(run)
@@ -133,7 +136,17 @@ def test_resume_from_another_run_takes_its_tokenizer_and_a_refused_resume_writes
     assert (new / "tokenizer" / "tokenizer.json").read_bytes() == \
         (reference / "tokenizer" / "tokenizer.json").read_bytes()
     run = _copy(reference, tmp_path)
-    before = (run / "config.yaml").read_bytes()
+    before = {f: (run / f).read_bytes() for f in ("config.yaml", "tokenizer/tokenizer.json")}
+    other = tmp_path / "other-tokenizer"  # a tokenizer the refused run names: it must not replace the run's
+    from jtl.data.tokenizer import train_tokenizer
+    train_tokenizer(["a few words of other text", "and some more words"], 40, kind="wordpiece").save_pretrained(
+        str(other))
     with pytest.raises(ckpt.IncompatibleCheckpoint, match="model.mlp: 64 -> 48"):
-        pretrain(make_cfg(run, "model.mlp=48"))
-    assert (run / "config.yaml").read_bytes() == before
+        pretrain(make_cfg(run, "model.mlp=48", f"data.tokenizer={other}"))
+    assert {f: (run / f).read_bytes() for f in before} == before
+    # A bare checkpoints/ copy (no tokenizer/ beside it): refused, not paired with a new tokenizer.
+    bare = tmp_path / "bare"
+    shutil.copytree(reference / "checkpoints", bare / "checkpoints")
+    with pytest.raises(ConfigError, match=r"checkpoint\.resume_from=.*bare: no tokenizer/ .*set data\.tokenizer"):
+        pretrain(make_cfg(tmp_path / "fresh", f"checkpoint.resume_from={bare}"))
+    assert not (tmp_path / "fresh" / "tokenizer").exists()

@@ -39,3 +39,35 @@ def test_train_on_a_run_dir_in_use_changes_nothing(tmp_path):
     finally:
         other.kill()
         other.wait()
+
+
+def test_a_second_jtl_train_on_a_run_dir_in_use_exits_non_zero_naming_the_first(tmp_path, capsys):
+    """Two real `jtl train` on one run dir: the first holds the lock, the second (the CLI,
+    here in-process) exits 2 with a message naming the first's pid and host."""
+    import time
+    from pathlib import Path
+    from jtl import cli
+    repo = Path(__file__).resolve().parent.parent
+    run = tmp_path / "run"
+    first = subprocess.Popen([sys.executable, "-m", "jtl.cli", "train", "tiny-mlm", f"run_dir={run}",
+                              "train.steps=100000", "train.progress=false"], cwd=repo,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        holder = None
+        while holder is None:
+            assert first.poll() is None, f"the first run ended early: {first.stderr.read()}"
+            assert time.monotonic() < deadline, "the first run never took the lock"
+            try:
+                holder = json.loads((run / lock.NAME).read_text())
+            except (OSError, ValueError):  # not there yet, or being written
+                time.sleep(0.2)
+        assert holder["pid"] == first.pid
+        rc = cli.main(["train", "tiny-mlm", f"run_dir={run}", "train.steps=3"])
+        err = capsys.readouterr().err
+        assert rc == 2, err
+        assert f"jtl: error: run_dir={run} is in use by pid {first.pid} on {socket.gethostname()}" in err, err
+        assert first.poll() is None  # the first run goes on
+    finally:
+        first.kill()
+        first.wait()

@@ -74,13 +74,20 @@ def tokenizer_source(cfg: Config, out_dir: Path) -> str | None:
     if (out_dir / "tokenizer" / "tokenizer.json").exists():
         return str(out_dir / "tokenizer")
     if cfg.checkpoint.resume_from:
-        return _run_tokenizer(cfg.checkpoint.resume_from)
+        found = _run_tokenizer(cfg.checkpoint.resume_from)
+        if found is None and Path(cfg.checkpoint.resume_from).exists():
+            raise ConfigError(
+                f"checkpoint.resume_from={cfg.checkpoint.resume_from}: no tokenizer/ beside its checkpoints/ "
+                f"(a jtl run dir holds both), so the tokenizer its weights were trained with is unknown; a new "
+                f"one would give the tokens other ids: set data.tokenizer to that tokenizer")
+        return found
     return None
 
 
 def tokenizer(cfg: Config, texts: list[str] | None, out_dir: Path):
-    """The run's tokenizer (``tokenizer_source``, else trained on ``texts``), saved to
-    RUN_DIR/tokenizer; refused when it has more tokens than ``model.vocab_size``."""
+    """The run's tokenizer (``tokenizer_source``, else trained on ``texts``); refused when
+    it has more tokens than ``model.vocab_size``. ``begin`` saves it to RUN_DIR/tokenizer
+    once the model's birth (validation, resume) has succeeded."""
     source = tokenizer_source(cfg, out_dir)
     if source:
         tok = load_tokenizer(source)
@@ -94,8 +101,6 @@ def tokenizer(cfg: Config, texts: list[str] | None, out_dir: Path):
         raise ConfigError(f"the tokenizer has {len(tok)} tokens but model.vocab_size="
                           f"{cfg.model.vocab_size}: ids >= vocab_size would be silently clamped; "
                           f"set model.vocab_size >= {len(tok)}")
-    if jax.process_index() == 0:
-        tok.save_pretrained(str(out_dir / "tokenizer"))
     return tok
 
 
@@ -186,22 +191,25 @@ def finished(cfg: Config, got: Resumed, total_steps: int, out_dir: Path) -> dict
     return json.loads(summary.read_text())
 
 
-def begin(cfg: Config, spec, mesh, total_steps: int, out_dir: Path, load_params=None):
+def begin(cfg: Config, spec, mesh, total_steps: int, out_dir: Path, load_params=None, tok=None):
     """A recipe's start: the model's birth, then (setup, resumed, None) with the run files
     written, or (setup, resumed, kept summary) when the run is already complete."""
     setup, resumed = born(cfg, spec, mesh, total_steps, out_dir / "checkpoints", load_params)
     done = finished(cfg, resumed, total_steps, out_dir)
     if done is None:
-        write_run_files(cfg, out_dir)
+        write_run_files(cfg, out_dir, tok)
     return setup, resumed, done
 
 
-def write_run_files(cfg: Config, out_dir: Path) -> None:
-    """RUN_DIR/config.yaml (the resolved config, labels included), written by process 0
-    once the run's validation and resume have succeeded."""
+def write_run_files(cfg: Config, out_dir: Path, tok=None) -> None:
+    """RUN_DIR/config.yaml (the resolved config, labels included) and RUN_DIR/tokenizer,
+    written by process 0 once the run's validation and resume have succeeded: a refused
+    resume changes neither."""
     import yaml
     if jax.process_index() != 0:
         return
     out_dir.mkdir(parents=True, exist_ok=True)
+    if tok is not None:
+        tok.save_pretrained(str(out_dir / "tokenizer"))
     (out_dir / "config.yaml").write_text(yaml.safe_dump(json.loads(json.dumps(cfg.to_dict())),
                                                         sort_keys=False))

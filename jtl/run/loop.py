@@ -31,7 +31,7 @@ from jtl import checkpoint as ckpt
 from jtl import preemption
 from jtl import sharding as S
 from jtl.config import Config
-from jtl.metrics import MetricWriter, peak_flops_per_device, progress
+from jtl.metrics import MetricWriter, mesh_peak_flops, progress
 from jtl.train import Setup
 
 log = logging.getLogger("jtl")
@@ -43,8 +43,8 @@ class StepLogger:
     def __init__(self, cfg: Config, setup: Setup, writer: MetricWriter, total: int, start: int,
                  skipped: int = 0):
         self.cfg, self.writer = cfg, writer
-        self.peak, self.peak_source = peak_flops_per_device()
-        self.n_dev = setup.mesh.size
+        self.peak, self.peak_source = mesh_peak_flops(setup.mesh)
+        self.mfu_warned = False
         self.pending = None
         self._new_window()
         self.bar = progress(total, cfg.train.progress)
@@ -112,8 +112,12 @@ class StepLogger:
             dt = time.perf_counter() - self.window_t
             m.update(real_tokens_per_s=self.window_tokens / dt, padded_tokens_per_s=self.window_padded / dt,
                      step_time=dt / self.window_steps,
-                     mfu=self.window_flops / dt / (self.peak * self.n_dev),
-                     skipped_updates=self.skipped)
+                     mfu=self.window_flops / dt / self.peak, skipped_updates=self.skipped)
+            if m["mfu"] > 1.0 and not self.mfu_warned:
+                self.mfu_warned = True  # impossible: the FLOP count or the peak is wrong
+                log.warning("step %d: MFU %.1f%% is above 100%%: jtl's FLOP count or the peak (%s, %.3g "
+                            "FLOP/s) is wrong for this run; please report it", step, 100 * m["mfu"],
+                            self.peak_source, self.peak)
             m.pop("step", None)
             self.writer.write(step, m)
             self.bar.set_postfix(loss=f"{m['loss']:.4f}", tok_s=f"{m['real_tokens_per_s']:.0f}",
