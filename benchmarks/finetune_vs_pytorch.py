@@ -164,6 +164,11 @@ def jtl_finetune(cfg) -> dict:
             "padding_fraction": s["padding_fraction"], "wall_s": round(time.perf_counter() - t, 2)}
 
 
+def _cpu() -> dict:
+    from jtl.bench_report import machine
+    return {k: v for k, v in machine().items() if k.startswith("lscpu")}
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("task", choices=sorted(PRESETS))
@@ -178,7 +183,7 @@ def main(argv: list[str]) -> int:
     import logging
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     os.chdir(ROOT)
-    from jtl import config
+    from jtl import bench, config
     from jtl import finetune as F
     # A fresh jtl run each time (an earlier run's checkpoints are moved aside, not resumed).
     cfg = config.load(PRESETS[args.task], [f"run_dir=runs/vs-pytorch-{args.task}", "train.progress=false",
@@ -194,7 +199,7 @@ def main(argv: list[str]) -> int:
                                "clip_norm": cfg.optim.clip_norm, "seq_len": cfg.data.seq_len,
                                "seed": cfg.train.seed, "dropout": cfg.model.dropout},
            "host": {"cpus": os.cpu_count(), "platform": platform.platform(),
-                    "load_1min_at_start": os.getloadavg()[0]}}
+                    "load_1min_at_start": os.getloadavg()[0], **_cpu()}}
     if args.reuse_torch and args.only != "jtl":
         prev = json.loads(Path(args.reuse_torch).read_text())
         if prev.get("task") != args.task or prev.get("hyperparameters") != out["hyperparameters"]:
@@ -206,10 +211,14 @@ def main(argv: list[str]) -> int:
         pcfg, tok, rows = F.prepare(cfg)
         enc = {s: F.encode_split(pcfg, r, tok) for s, r in rows.items() if r is not None}
         _log(f"torch: {len(enc['train'])} train rows, epochs {pcfg.train.epochs}")
-        out["torch"] = torch_finetune(pcfg, enc)
+        with bench.Quiet("vs-pytorch torch") as quiet:
+            out["torch"] = torch_finetune(pcfg, enc)
+        out["torch"]["quiet"] = quiet.report()
         _log(f"torch done in {out['torch']['wall_s']} s: {json.dumps(out['torch']['final'], default=float)}")
     if args.only != "torch":
-        out["jtl"] = jtl_finetune(cfg)
+        with bench.Quiet("vs-pytorch jtl") as quiet:
+            out["jtl"] = jtl_finetune(cfg)
+        out["jtl"]["quiet"] = quiet.report()
         _log(f"jtl done in {out['jtl']['wall_s']} s: {json.dumps(out['jtl']['final'], default=float)}")
     if "torch" in out and "jtl" in out:
         out["wall_ratio_torch_over_jtl"] = out["torch"]["wall_s"] / out["jtl"]["wall_s"]

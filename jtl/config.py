@@ -99,6 +99,12 @@ class DataConfig:
     max_answer_tokens: int = 30  # QA: longest span considered when predicting
     shuffle: bool = True
     seed: int = 0
+    # SFT (task.kind=sft, jtl/data/sft.py): prompt/response rows or chat messages; the
+    # tokenizer's chat template renders them (null: when it has one) and marks the turns.
+    prompt_field: str = "prompt"
+    response_field: str = "response"
+    messages_field: str = "messages"
+    chat_template: bool | None = None
 
 
 def bucket_lengths(d: "DataConfig") -> tuple[int, ...]:
@@ -132,7 +138,7 @@ class OptimConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    kind: Literal["mlm", "clm", "classification", "regression", "multilabel",
+    kind: Literal["mlm", "clm", "sft", "classification", "regression", "multilabel",
                   "token_classification", "qa"] = "mlm"
     metric: str | None = None  # metric for early stopping / best checkpoint
     metric_mode: Literal["max", "min"] = "max"

@@ -13,7 +13,7 @@ import jax
 
 from jtl import sharding as S
 from jtl.config import Config, ConfigError
-from jtl.data import lm
+from jtl.data import lm, sft
 from jtl.data.pipeline import eval_batches, steps_per_epoch, train_iterator
 from jtl.data.sources import get_text, read_rows
 from jtl.data.tokenizer import special_ids
@@ -74,15 +74,25 @@ def _pretrain(cfg: Config, load_params, on_step) -> dict:
     mesh = S.make_mesh(cfg.mesh)
     S.check_model_fits(cfg.model, mesh)
     S.check_batch_fits(cfg.train.batch_size, cfg.train.microbatches, mesh)
-    texts, wheres = _texts(cfg, cfg.data.train, "train")
-    tok = birth.tokenizer(cfg, texts, out_dir)
+    if kind == "sft":  # prompt/response or chat rows; the loss only on the responses
+        read = lambda source, split: read_rows(source, split=split, text_field=cfg.data.prompt_field,
+                                               hf_config=cfg.data.hf_config, limit=cfg.data.max_examples)
+        train_rows = read(cfg.data.train, "train")
+        needs_texts = birth.tokenizer_source(cfg, out_dir) is None
+        tok = birth.tokenizer(cfg, sft.sft_texts(train_rows, cfg) if needs_texts else None, out_dir)
+        rows = sft.build_sft_rows(train_rows, tok, cfg)
+        val_rows = (sft.build_sft_rows(read(cfg.data.validation, "validation"), tok, cfg)
+                    if cfg.data.validation else None)
+    else:
+        texts, wheres = _texts(cfg, cfg.data.train, "train")
+        tok = birth.tokenizer(cfg, texts, out_dir)
 
-    def rows_of(t, w):
-        return lm.build_lm_rows(t, w, tok, kind=kind, seq_len=cfg.data.seq_len,
-                                vocab_limit=cfg.model.vocab_size, pack_rows=cfg.data.pack)
+        def rows_of(t, w):
+            return lm.build_lm_rows(t, w, tok, kind=kind, seq_len=cfg.data.seq_len,
+                                    vocab_limit=cfg.model.vocab_size, pack_rows=cfg.data.pack)
 
-    rows = rows_of(texts, wheres)
-    val_rows = rows_of(*_texts(cfg, cfg.data.validation, "validation")) if cfg.data.validation else None
+        rows = rows_of(texts, wheres)
+        val_rows = rows_of(*_texts(cfg, cfg.data.validation, "validation")) if cfg.data.validation else None
     n_rows = len(rows["input_ids"])
     total = cfg.train.steps or max(1, int(cfg.train.epochs * steps_per_epoch(n_rows, cfg.train.batch_size)))
     P = mlm_max_predictions(cfg.data.seq_len, cfg.data.mask_prob) if kind == "mlm" else 0

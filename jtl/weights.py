@@ -124,7 +124,7 @@ def params_loader(cfg: Config):
     init_from = cfg.model.init_from
     if not init_from:
         return None
-    m, task = cfg.model, cfg.task.kind
+    m, task = cfg.model, {"sft": "clm"}.get(cfg.task.kind, cfg.task.kind)  # sft: the LM head
 
     def load(abstract_params):
         p = local_path(init_from)

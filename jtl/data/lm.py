@@ -31,11 +31,14 @@ def _pieces_clm(ids: list[int], seq_len: int, eos: int | None):
 
 
 def pack(pieces, seq_len: int, kind: str, pad_id: int, specials: set[int], pack_rows: bool = True):
-    """Greedy next-fit packing of token pieces into [N, seq_len] arrays."""
+    """Greedy next-fit packing of token pieces into [N, seq_len] arrays. A CLM piece may
+    be ``(ids, target_weights)`` (SFT: weight 0 on prompt targets), else every target
+    of it weighs 1."""
     rows: list[list[list[int]]] = []
     used = seq_len + 1
     for piece in pieces:
-        n = len(piece) - 1 if kind == "clm" else len(piece)
+        ids = piece[0] if isinstance(piece, tuple) else piece
+        n = len(ids) - 1 if kind == "clm" else len(ids)
         if not pack_rows or used + n > seq_len:
             rows.append([])
             used = 0
@@ -43,9 +46,12 @@ def pack(pieces, seq_len: int, kind: str, pad_id: int, specials: set[int], pack_
         used += n
     out = {k: np.zeros((len(rows), seq_len), np.int32) for k in (MLM_KEYS if kind == "mlm" else CLM_KEYS)}
     out["input_ids"][:] = pad_id
+    if kind == "clm":
+        out["loss_weights"] = out["loss_weights"].astype(np.float32)
     for r, docs in enumerate(rows):
         at = 0
         for s, piece in enumerate(docs, 1):
+            piece, weights = piece if isinstance(piece, tuple) else (piece, None)
             inp = piece[:-1] if kind == "clm" else piece
             n = len(inp)
             out["input_ids"][r, at:at + n] = inp
@@ -53,13 +59,11 @@ def pack(pieces, seq_len: int, kind: str, pad_id: int, specials: set[int], pack_
             out["positions"][r, at:at + n] = np.arange(n)
             if kind == "clm":
                 out["targets"][r, at:at + n] = piece[1:]
-                out["loss_weights"][r, at:at + n] = 1
+                out["loss_weights"][r, at:at + n] = 1 if weights is None else weights
             else:
                 out["mlm_eligible"][r, at:at + n] = [t not in specials for t in inp]
             at += n
-    if kind == "clm":
-        out["loss_weights"] = out["loss_weights"].astype(np.float32)
-    else:
+    if kind == "mlm":
         out["mlm_eligible"] = out["mlm_eligible"].astype(bool)
     return out
 

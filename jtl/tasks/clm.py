@@ -1,4 +1,5 @@
-"""Causal-LM pretraining (GPT-2 / Llama): next-token loss on packed rows."""
+"""Causal-LM pretraining (GPT-2 / Llama): next-token loss on packed rows; SFT: the same
+loss on response tokens only."""
 from __future__ import annotations
 
 from jtl.tasks.base import Task, register, xent
@@ -17,3 +18,12 @@ class CLM(Task):
 
 
 register(CLM())
+
+
+class SFT(CLM):
+    """Instruction tuning: the CLM loss on packed prompt/response examples whose
+    ``loss_weights`` are 1 only on response tokens (``jtl.data.sft``)."""
+    name = "sft"
+
+
+register(SFT())
