@@ -1,4 +1,4 @@
-"""``jtl`` command line: train | eval | predict | export | generate | bench | show-config."""
+"""``jtl`` command line: train | eval | eval-prompted | predict | export | generate | bench | show-config."""
 from __future__ import annotations
 
 import argparse
@@ -99,6 +99,11 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_eval_prompted(args) -> int:
+    from jtl.prompted import main as prompted_main
+    return prompted_main(args.rest)
+
+
 def cmd_bench(args) -> int:
     from jtl.bench import main as bench_main
     return bench_main(args.rest)
@@ -173,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
     p.set_defaults(fn=cmd_generate)
+    p = sub.add_parser("eval-prompted", help="zero/k-shot label-word evaluation of a decoder on a "
+                       "classification task: jtl eval-prompted MODEL TASK [--shots 0,4] (--help)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_eval_prompted)
     p = sub.add_parser("bench", help="throughput/MFU/memory benchmarks (jtl bench --help)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
