@@ -64,9 +64,11 @@ class Scorer:
 
     def __call__(self, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[float]:
         """``pairs`` of (context ids, continuation ids) -> summed log-probabilities."""
+        from jtl.metrics import progress
         out = [0.0] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
         limit = self.gen.m.max_len
+        bar = progress(len(pairs), len(pairs) > 64, desc="scoring")
         for at in range(0, len(order), batch_size):
             idx = order[at:at + batch_size]
             rows = [pairs[i][0] + pairs[i][1] for i in idx]
@@ -86,6 +88,8 @@ class Scorer:
                 got = np.asarray(jax.device_get(self._fn(self.gen.params, ids, w)))
             for r, i in enumerate(idx):
                 out[i] = float(got[r])
+            bar.update(len(idx))
+        bar.close()
         return out
 
 
