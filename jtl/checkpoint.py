@@ -498,6 +498,7 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None,
 
     Returns {path tuple: array}. Only paths under ``prefix`` (e.g. ("backbone",)) are read.
     """
+    from jtl.convert.hf import concrete_sharding  # an AbstractMesh target -> the real devices
     ckdir, step = _pick_step(path, step)
     verify_step(ckdir, step, items=("params",))
     mngr = _reader(ckdir, ocp.PyTreeCheckpointHandler())
@@ -526,7 +527,7 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None,
         node = target
         for k in key[:-1]:
             node = node.setdefault(k, {})
-        node[key[-1]] = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=v.sharding)
+        node[key[-1]] = jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=concrete_sharding(v.sharding))
     try:
         restored = mngr.restore(step, args=ocp.args.Composite(params=ocp.args.PyTreeRestore(
             target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),

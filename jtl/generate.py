@@ -409,7 +409,8 @@ def load(source, *, mesh=None, overrides: Iterable[str] = ()) -> Generator:
         mesh = _mesh(cfg, mesh)
         S.check_model_fits(cfg.model, mesh)
         graphdef, abstract = _abstract_model(cfg, mesh)
-        loaded = restore_params(path, abstract, step=step)
+        with S.activate(mesh):
+            loaded = restore_params(path, abstract, step=step)
         eos = _eos_from_folder(path / "tokenizer", tok)
     else:
         cfg = C.load(None, ["task.kind=clm", "model.family=llama", "data.seq_len=2", "model.dropout=0.0",

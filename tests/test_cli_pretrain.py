@@ -32,6 +32,8 @@ def test_loss_goes_down(tmp_path, repo, preset, steps, monkeypatch, capsys):
     # jtl eval takes fine-tuned runs: a pretraining run is refused saying what it is.
     assert main(["eval", str(run)]) == 2
     assert "pretraining run" in capsys.readouterr().err
+    if preset == "tiny-clm":  # a decoder run generates from its own checkpoint (restored onto real devices)
+        assert main(["generate", str(run), "--prompt", "the film", "--max-new-tokens", "4"]) == 0
 
 
 def test_bad_config_exit_code_and_message(tmp_path, capsys, repo, monkeypatch):
