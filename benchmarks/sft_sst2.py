@@ -40,6 +40,7 @@ def main(argv=None) -> int:
     p.add_argument("--max-eval", type=int, default=None, help="validation examples scored (default all)")
     p.add_argument("--before", default=None, help="jtl eval-prompted --output JSON of the untuned model")
     p.add_argument("--run-dir", default="runs/sft-sst2")
+    p.add_argument("--eval-only", action="store_true", help="score the finished run in --run-dir again")
     p.add_argument("--out", default="benchmarks/results/prompted")
     args = p.parse_args(argv)
     from jtl import config as C
@@ -54,8 +55,10 @@ def main(argv=None) -> int:
     run = Path(args.run_dir)
     run.mkdir(parents=True, exist_ok=True)
     sft = run / "sft_train.jsonl"
-    sft.write_text("".join(json.dumps({"prompt": TEMPLATE.format(text=rows[i]["sentence"].strip()),
-                                       "response": " " + WORDS[int(rows[i]["label"])]}) + "\n" for i in pick))
+    if not args.eval_only:
+        sft.write_text("".join(json.dumps({"prompt": TEMPLATE.format(text=rows[i]["sentence"].strip()),
+                                           "response": " " + WORDS[int(rows[i]["label"])]}) + "\n"
+                               for i in pick))
     val = run / "sft_validation.jsonl"
     vrows = [json.loads(x) for x in (data / "validation.jsonl").read_text().splitlines()][:256]
     val.write_text("".join(json.dumps({"prompt": TEMPLATE.format(text=r["sentence"].strip()),
@@ -67,8 +70,12 @@ def main(argv=None) -> int:
         "train.log_every=10", f"train.eval_every={args.steps}", f"run_dir={run}", "checkpoint.enabled=true",
         "checkpoint.resume=false", "mesh.data=1"])
     t0 = time.perf_counter()
-    summary = pretrain(cfg)
-    train_s = time.perf_counter() - t0
+    if args.eval_only:
+        summary = json.loads((run / "summary.json").read_text())
+        train_s = summary["train_wall_s"]  # the training loop's own wall-clock
+    else:
+        summary = pretrain(cfg)
+        train_s = time.perf_counter() - t0
     task = C.load(str(ROOT / "configs" / "sst2-minilm.yaml"), [])
     t0 = time.perf_counter()
     after = prompted.evaluate(load(run), task, shots=0, template=TEMPLATE, label_words=list(WORDS),
