@@ -272,13 +272,18 @@ def predict_file(run_dir, input_path, output_path, overrides=(), chunk_rows: int
     out = Path(output_path)
     if out.exists() and out.resolve() == Path(input_path).resolve():
         raise ConfigError(f"--output {out} is the input file: refusing to overwrite it")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # the old output survives a failure
+    try:  # before the model loads: an unwritable --output fails at once, naming it
+        out.parent.mkdir(parents=True, exist_ok=True)
+        open(tmp, "w").close()
+        tmp.unlink()
+    except OSError as e:
+        raise ConfigError(f"--output {out}: cannot write there ({e.strerror or e}); choose a writable path") from e
     cfg, tok, setup = load_run(run_dir, None, overrides)
     rows = read_rows(str(input_path), split="test", text_field=cfg.data.text_field,
                      hf_config=cfg.data.hf_config)
     bs = _eval_batch_size(cfg, setup.mesh)
     n = 0
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")  # the old output survives a failure
     try:
         with open(tmp, "w", encoding="utf-8") as f:
             for at in range(0, len(rows), chunk_rows):

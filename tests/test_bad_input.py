@@ -41,6 +41,17 @@ def test_unwritable_run_dir_is_a_config_error_naming_it(tmp_path):
             pass
 
 
+def test_an_unwritable_predict_output_is_refused_before_the_model_loads(tmp_path):
+    from jtl.finetune import predict_file
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    rows = tmp_path / "rows.jsonl"
+    rows.write_text('{"text": "a fine film"}\n')
+    # run_dir does not even exist: the output is checked first, so nothing is loaded for nothing
+    with pytest.raises(ConfigError, match=r"--output .*file/out\.jsonl: cannot write there"):
+        predict_file(tmp_path / "no-such-run", rows, blocker / "out.jsonl")
+
+
 def test_train_steps_zero_is_refused():
     with pytest.raises(ConfigError, match="train.steps must be >= 1"):
         C.validate(C.Config().replace(**{"train.steps": 0}))
