@@ -10,7 +10,9 @@ same synthetic batch.
 it is); besides config keys, ``jtl.threefry=rolled|unrolled`` picks jax's CPU
 lowering of the threefry hash for that variant (``jtl.models.layers.threefry_unrolled_on_cpu``;
 jtl's default is unrolled) and ``jtl.layer_norm=twopass|onepass`` the layer norm
-(jtl's two-pass statistics, or a one-pass E[x^2] - E[x]^2 version). Each round times ``--steps`` steps of every variant in turn (the order
+(jtl's two-pass statistics, or a one-pass E[x^2] - E[x]^2 version), and
+``jtl.attention=einsum|scaleq|jaxdpa`` the attention (jtl's, 1/sqrt(d) on q instead of
+the logits, or ``jax.nn.dot_product_attention``, which has no attention dropout). Each round times ``--steps`` steps of every variant in turn (the order
 rotates every round); the report gives each variant's median step time and its
 speed ratio to the first variant, median [min-max] over rounds. The machine's
 quietness is recorded (``jtl.bench.Quiet``); a run that was not quiet says so.
@@ -30,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import jax  # noqa: E402
 
 from jtl import bench, train  # noqa: E402
+from jtl.models.layers import _attention as _SHIPPED_ATTENTION  # noqa: E402
 from jtl.models.layers import layer_norm as _SHIPPED_LAYER_NORM, threefry_unrolled_on_cpu  # noqa: E402
 from peer_pytorch import jtl_side, timed  # noqa: E402
 
@@ -45,9 +48,34 @@ def _layer_norm_one_pass(x, scale, bias, eps):
     return (y + bias.astype(jnp.float32)).astype(x.dtype)
 
 
+def _attention_scale_q(q_BSHD, k_BSKD, v_BSKD, mask_B1SS, dropout_rate, rng):
+    """jtl's multi-head attention with 1/sqrt(d) applied to q ([B,S,H,D]) instead of
+    to the logits ([B,H,S,S])."""
+    import math
+
+    import jax.numpy as jnp
+    from jtl.models import layers as L
+    if k_BSKD.shape[2] != q_BSHD.shape[2]:
+        return _SHIPPED_ATTENTION(q_BSHD, k_BSKD, v_BSKD, mask_B1SS, dropout_rate, rng)
+    q = q_BSHD * jnp.asarray(1.0 / math.sqrt(q_BSHD.shape[-1]), q_BSHD.dtype)
+    logits = jnp.einsum("bqhd,bthd->bhqt", q, k_BSKD)
+    logits = jnp.where(mask_B1SS, logits.astype(jnp.float32), L.NEG_INF)
+    probs = jax.nn.softmax(logits, axis=-1).astype(v_BSKD.dtype)
+    probs = L.dropout(probs, dropout_rate, rng)
+    return jnp.einsum("bhqt,bthd->bqhd", probs, v_BSKD)
+
+
+def _attention_jax_dpa(q_BSHD, k_BSKD, v_BSKD, mask_B1SS, dropout_rate, rng):
+    """``jax.nn.dot_product_attention`` (XLA implementation); it has no attention dropout."""
+    if dropout_rate and rng is not None:
+        raise SystemExit("jtl.attention=jaxdpa has no attention dropout: add model.attention_dropout=0")
+    return jax.nn.dot_product_attention(q_BSHD, k_BSKD, v_BSKD, mask=mask_B1SS, implementation="xla")
+
+
 # jtl.NAME=VALUE overrides: implementation switches that are not config keys (the
 # alternatives jtl does not ship are kept here, to compare against).
-_SWITCHES = {"layer_norm": {"twopass": None, "onepass": _layer_norm_one_pass}}
+_SWITCHES = {"layer_norm": {"twopass": None, "onepass": _layer_norm_one_pass},
+             "attention": {"einsum": None, "scaleq": _attention_scale_q, "jaxdpa": _attention_jax_dpa}}
 
 
 def apply_switches(over: list[str]) -> None:
@@ -56,6 +84,8 @@ def apply_switches(over: list[str]) -> None:
     threefry_unrolled_on_cpu(want.pop("threefry", "unrolled") != "rolled")
     impl = _SWITCHES["layer_norm"][want.pop("layer_norm", "twopass")]
     layers.layer_norm = jax.named_scope("norm")(impl) if impl else _SHIPPED_LAYER_NORM
+    impl = _SWITCHES["attention"][want.pop("attention", "einsum")]
+    layers._attention = impl or _SHIPPED_ATTENTION
     if want:
         raise SystemExit(f"unknown jtl.* switches {sorted(want)}: known threefry, {', '.join(_SWITCHES)}")
 
