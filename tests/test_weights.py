@@ -501,18 +501,8 @@ def _hf_llama_from_gguf(path: Path):
     except (ImportError, ValueError) as e:
         if "accelerate" not in str(e):
             raise
-    from jtl.convert.sources import GGUFSource
-    from jtl.weights import source_fields
-    f = source_fields(str(path))
-    cfg = transformers.LlamaConfig(
-        vocab_size=f["vocab_size"], hidden_size=f["hidden"], num_hidden_layers=f["layers"],
-        num_attention_heads=f["heads"], num_key_value_heads=f["kv_heads"], head_dim=f["head_dim"],
-        intermediate_size=f["mlp"], rms_norm_eps=f["norm_eps"], rope_theta=f["rope_theta"],
-        tie_word_embeddings=f["tie_embeddings"], attn_implementation="eager")
-    src = GGUFSource(path, f["heads"], f["kv_heads"], f["layers"])
-    model = transformers.LlamaForCausalLM(cfg)
-    model.load_state_dict({k: torch.from_numpy(src.full(k).copy()) for k in src.keys()}, strict=False)
-    return model.eval(), "state dict"
+    from jtl.convert.hf import torch_llama_from_gguf
+    return torch_llama_from_gguf(path), "state dict"
 
 
 @pytest.mark.skipif(not os.environ.get("JTL_SMOLLM2_GGUF"), reason="set JTL_SMOLLM2_GGUF")

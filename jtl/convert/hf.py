@@ -361,3 +361,24 @@ def export_hf(m: ModelConfig, flat: dict, out_dir, tokenizer_dir=None, *, task: 
                 shutil.copy2(f, out / f.name)
     log.info("exported %d tensors (%s) to %s", len(tensors), arch, out)
     return out
+
+
+def torch_llama_from_gguf(path):
+    """A ``transformers`` LlamaForCausalLM (float32, eager attention) holding a llama GGUF
+    file's weights dequantized by jtl's own GGUF reader: the reference model of the
+    GGUF parity test and of ``benchmarks/generate_vs_hf.py``. Needs torch and transformers."""
+    import torch
+    import transformers
+
+    from jtl.convert.sources import GGUFSource
+    from jtl.weights import source_fields
+    f = source_fields(str(path))
+    cfg = transformers.LlamaConfig(
+        vocab_size=f["vocab_size"], hidden_size=f["hidden"], num_hidden_layers=f["layers"],
+        num_attention_heads=f["heads"], num_key_value_heads=f["kv_heads"], head_dim=f["head_dim"],
+        intermediate_size=f["mlp"], rms_norm_eps=f["norm_eps"], rope_theta=f["rope_theta"],
+        tie_word_embeddings=f["tie_embeddings"], attn_implementation="eager")
+    src = GGUFSource(Path(path), f["heads"], f["kv_heads"], f["layers"])
+    model = transformers.LlamaForCausalLM(cfg)
+    model.load_state_dict({k: torch.from_numpy(src.full(k).copy()) for k in src.keys()}, strict=False)
+    return model.eval()
