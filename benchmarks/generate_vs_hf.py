@@ -17,7 +17,6 @@ transformers on the same prompts, ``--new-tokens`` tokens each with EOS ignored
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -101,20 +100,17 @@ def main(argv=None) -> int:
            "machine": {**bench.machine(), "torch": torch.__version__, "transformers": transformers.__version__,
                        "torch_threads": torch.get_num_threads()},
            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "generate_vs_hf.json").write_text(json.dumps(doc, indent=1))
     prow = "\n".join(f"| {x['prompt']} | {'yes' if x['same_tokens'] else '**no**'} | {x['jtl']!r} | "
                      f"{x['transformers']!r} |" for x in parity)
     srow = "\n".join(f"| {x['batch']} | {x['jtl_tokens_per_s']:.1f} | {x['hf_tokens_per_s']:.1f} | "
                      f"**{x['ratio_median']:.2f}x** [{x['ratio_min']:.2f}-{x['ratio_max']:.2f}] | "
                      f"{100 * (x['quiet']['others_cpu_share'] or 0):.1f}% |" for x in speed)
-    text = (f"# jtl generate vs transformers generate ({args.weights})\n\n`{doc['command']}` at {doc['time_utc']}\n\n"
-            f"Greedy, {args.parity_tokens} new tokens, one prompt at a time:\n\n| prompt | same tokens | jtl | "
-            f"transformers |\n|---|---|---|---|\n{prow}\n\nDecode speed, {n} new tokens per row (EOS ignored), "
-            f"prefill included, median of {args.rounds} alternating rounds:\n\n| batch | jtl tokens/s | "
-            f"transformers tokens/s | ratio | others' CPU |\n|---|---|---|---|---|\n{srow}\n")
-    (out / "generate_vs_hf.md").write_text(text)
+    text = bench.write_doc(
+        Path(args.out), "generate_vs_hf", doc, f"jtl generate vs transformers generate ({args.weights})",
+        f"Greedy, {args.parity_tokens} new tokens, one prompt at a time:\n\n| prompt | same tokens | jtl | "
+        f"transformers |\n|---|---|---|---|\n{prow}\n\nDecode speed, {n} new tokens per row (EOS ignored), "
+        f"prefill included, median of {args.rounds} alternating rounds:\n\n| batch | jtl tokens/s | "
+        f"transformers tokens/s | ratio | others' CPU |\n|---|---|---|---|---|\n{srow}")
     print(text)
     return 0
 

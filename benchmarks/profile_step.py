@@ -34,7 +34,6 @@ from __future__ import annotations
 import argparse
 import collections
 import glob
-import json
 import re
 import sys
 import time
@@ -129,6 +128,34 @@ def _wall(step, n: int) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def _trace_events(trace_dir: Path, module_prefix: str):
+    """(hlo_op, duration ns) of every XLA thunk event of ``module_prefix`` in the newest trace."""
+    files = sorted(glob.glob(str(trace_dir / "**" / "*.xplane.pb"), recursive=True), key=lambda f: Path(f).stat().st_mtime)
+    data = jax.profiler.ProfileData.from_file(files[-1])
+    for plane in data.planes:
+        for line in plane.lines:
+            for ev in line.events:
+                stats = dict(ev.stats)
+                if "hlo_op" in stats and str(stats.get("hlo_module", "")).startswith(module_prefix):
+                    yield stats["hlo_op"], ev.duration_ns
+
+
+def dot_probe(trace_dir: Path, n: int = 2048) -> dict:
+    """One n x n matmul: its thunk event against its wall time (shows that XLA:CPU's dot
+    thunks are asynchronous, so their events cover the dispatch, not the work)."""
+    import jax.numpy as jnp
+    f = jax.jit(lambda a, b: jnp.tanh(a @ b))
+    a = jnp.ones((n, n))
+    f(a, a).block_until_ready()
+    t0 = time.perf_counter()
+    f(a, a).block_until_ready()
+    wall = time.perf_counter() - t0
+    with jax.profiler.trace(str(trace_dir)):
+        f(a, a).block_until_ready()
+    dots = [d for op, d in _trace_events(trace_dir, "jit_") if op.startswith("dot")]
+    return {"n": n, "wall_ms": 1e3 * wall, "dot_event_ms": sum(dots) / 1e6}
+
+
 def jtl_profile(cfg, steps: int, trace_dir: Path) -> dict:
     step, compiled, compile_s = jtl_side(cfg)
     for _ in range(2):
@@ -141,28 +168,21 @@ def jtl_profile(cfg, steps: int, trace_dir: Path) -> dict:
         for _ in range(steps):
             step()
     wall = (time.perf_counter() - t0) / steps
-    files = sorted(glob.glob(str(trace_dir / "**" / "*.xplane.pb"), recursive=True), key=lambda f: Path(f).stat().st_mtime)
-    data = jax.profiler.ProfileData.from_file(files[-1])
     per_op, per_cat, count, thunks = collections.Counter(), collections.Counter(), collections.Counter(), 0
-    for plane in data.planes:
-        for line in plane.lines:
-            for ev in line.events:
-                stats = dict(ev.stats)
-                if "hlo_op" not in stats or not str(stats.get("hlo_module", "")).startswith("jit_train_step"):
-                    continue
-                cat = categorize(stats["hlo_op"], hlo)
-                if cat is None:
-                    continue
-                thunks += 1
-                count[cat] += 1 / steps
-                per_op[(stats["hlo_op"], cat)] += ev.duration_ns / 1e6 / steps
-                per_cat[cat] += ev.duration_ns / 1e6 / steps
+    for op, ns in _trace_events(trace_dir, "jit_train_step"):
+        cat = categorize(op, hlo)
+        if cat is None:
+            continue
+        thunks += 1
+        count[cat] += 1 / steps
+        per_op[(op, cat)] += ns / 1e6 / steps
+        per_cat[cat] += ns / 1e6 / steps
     if not thunks:
-        raise SystemExit(f"no XLA thunk events for jit_train_step in {files[-1]}: did the profiler record?")
+        raise SystemExit(f"no XLA thunk events for jit_train_step in {trace_dir}: did the profiler record?")
     return {"step_wall_ms": 1e3 * wall, "step_wall_ms_unprofiled": 1e3 * plain, "compile_s": compile_s,
             "categories_ms": dict(per_cat), "thunks_per_step": dict(count), "thunks_total_per_step": thunks / steps,
             "top_ops": [{"op": o, "category": c, "ms": ms} for (o, c), ms in per_op.most_common(15)],
-            "trace": files[-1]}
+            "trace": str(trace_dir)}
 
 
 def torch_category(ev) -> str:
@@ -241,12 +261,10 @@ def report(doc: dict) -> str:
               "on the Eigen pool outside any event), so jtl's sum of op time is below its wall time; the other "
               "rows are synchronous kernels. PyTorch's column is aten self time.")
     q = doc["quiet"]
-    mach = "\n".join(f"- {k}: {v}" for k, v in doc["machine"].items())
-    return (f"# Train-step profile: {doc['preset']} B={doc['batch']} S={doc['seq']} {doc['task']}\n\n"
-            f"`{doc['command']}` at {doc['time_utc']}\n\n{table}\n\n{caveat}\n\n" + "\n\n".join(tops)
+    return (f"{table}\n\n{caveat}\n\n" + "\n\n".join(tops)
             + f"\n\nMachine: other processes used {100 * (q['others_cpu_share'] or 0):.1f}% of the cores "
               f"while profiling; load {q['load_1min_at_start']} at start, {q['load_1min_after']} after; "
-              f"{'quiet' if q['quiet'] else 'NOT QUIET: not a figure'}.\n\n{mach}\n")
+              f"{'quiet' if q['quiet'] else 'NOT QUIET: not a figure'}.")
 
 
 def main(argv=None) -> int:
@@ -260,7 +278,12 @@ def main(argv=None) -> int:
     p.add_argument("--no-torch", action="store_true", help="profile jtl only")
     p.add_argument("--out", default="runs/bench/profile")
     p.add_argument("--trace-dir", default=None, help="default: OUT/trace (not for git: tens of MB)")
+    p.add_argument("--dot-probe", action="store_true", help="only time one 2048x2048 matmul's event vs its wall")
     args = p.parse_args(argv)
+    if args.dot_probe:
+        r = dot_probe(Path(args.trace_dir or "runs/bench/dot-probe"))
+        print(f"{r['n']}x{r['n']} matmul: wall {r['wall_ms']:.1f} ms, its dot thunk event {r['dot_event_ms']:.1f} ms")
+        return 0
     import torch
     torch.set_num_threads(args.threads)
     cfg = bench.bench_config(args.preset, args.batch, args.seq, "float32", args.override)
@@ -273,10 +296,8 @@ def main(argv=None) -> int:
                overrides=args.override, command=" ".join(sys.argv), quiet=quiet.report(),
                time_utc=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
                machine={**bench.machine(), "torch": torch.__version__, "torch_threads": torch.get_num_threads()})
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "profile.json").write_text(json.dumps(doc, indent=1, default=str))
-    text = report(doc)
-    (out / "profile.md").write_text(text)
+    text = bench.write_doc(out, "profile", doc, f"Train-step profile: {args.preset} B={args.batch} "
+                           f"S={args.seq} {cfg.task.kind}", report(doc))
     print(text)
     return 0
 

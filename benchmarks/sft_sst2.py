@@ -69,28 +69,27 @@ def main(argv=None) -> int:
         f"train.steps={args.steps}", f"optim.lr={args.lr}", "optim.warmup_ratio=0.1", "optim.weight_decay=0.0",
         "train.log_every=10", f"train.eval_every={args.steps}", f"run_dir={run}", "checkpoint.enabled=true",
         "checkpoint.resume=false", "mesh.data=1"])
-    t0 = time.perf_counter()
-    if args.eval_only:
-        summary = json.loads((run / "summary.json").read_text())
-        train_s = summary["train_wall_s"]  # the training loop's own wall-clock
-    else:
-        summary = pretrain(cfg)
-        train_s = time.perf_counter() - t0
+    from jtl.bench import Quiet, write_doc
+    with Quiet("sft-sst2 train") as q_train:
+        if args.eval_only:
+            summary = json.loads((run / "summary.json").read_text())
+        else:
+            summary = pretrain(cfg)
+    train_s = summary["train_wall_s"]  # the training loop's wall-clock (its first step compiles)
     task = C.load(str(ROOT / "configs" / "sst2-minilm.yaml"), [])
-    t0 = time.perf_counter()
-    after = prompted.evaluate(load(run), task, shots=0, template=TEMPLATE, label_words=list(WORDS),
-                              max_examples=args.max_eval)
-    eval_s = time.perf_counter() - t0
+    with Quiet("sft-sst2 eval") as q_eval:
+        t0 = time.perf_counter()
+        after = prompted.evaluate(load(run), task, shots=0, template=TEMPLATE, label_words=list(WORDS),
+                                  max_examples=args.max_eval)
+        eval_s = time.perf_counter() - t0
     after.pop("scores")
     before = json.loads(Path(args.before).read_text())["results"] if args.before else []
     doc = {"command": " ".join(["python", "benchmarks/sft_sst2.py"] + (argv or sys.argv[1:])),
            "weights": args.weights, "sft_examples": len(pick), "steps": args.steps, "batch": args.batch,
            "lr": args.lr, "train_wall_s": train_s, "eval_wall_s": eval_s, "summary": summary,
+           "quiet": {"train": None if args.eval_only else q_train.report(), "eval": q_eval.report()},
            "before": before, "after": after, "machine": machine(),
            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sft_sst2.json").write_text(json.dumps(doc, indent=1, default=float))
     lines = ["| model | shots | SST-2 validation accuracy | most frequent prediction | predicted |", "|---|---|---|---|---|"]
     for r in before:
         lines.append(f"| SmolLM2-135M-Instruct | {r['shots']} | {100 * r['accuracy']:.1f}% | "
@@ -98,12 +97,12 @@ def main(argv=None) -> int:
     lines.append(f"| + SFT ({len(pick)} examples, {args.steps} steps of {args.batch}) | 0 | "
                  f"{100 * after['accuracy']:.1f}% | {100 * after['majority_rate']:.0f}% | {after['predicted']} |")
     table = "\n".join(lines)
-    (out / "sft_sst2.md").write_text(
-        f"# SmolLM2-135M-Instruct on SST-2: prompted, before and after SFT\n\n`{doc['command']}` at "
-        f"{doc['time_utc']}\n\n{table}\n\nSFT wall-clock {train_s:.0f} s (incl. loading and compiling), "
-        f"evaluation {eval_s:.0f} s; validation loss on the response tokens after SFT "
-        f"{summary.get('validation_loss', float('nan')):.4f}. Template `{TEMPLATE!r}`, label words "
-        f"{', '.join(WORDS)}.\n")
+    trained = "not recorded (--eval-only)" if args.eval_only else q_train.describe()
+    write_doc(Path(args.out), "sft_sst2", doc, "SmolLM2-135M-Instruct on SST-2: prompted, before and after SFT",
+              f"{table}\n\nSFT training loop {train_s:.0f} s (its first step compiles), evaluation "
+              f"{eval_s:.0f} s; validation loss on the response tokens after SFT "
+              f"{summary.get('validation_loss', float('nan')):.4f}. Template `{TEMPLATE!r}`, label words "
+              f"{', '.join(WORDS)}. Machine while training: {trained}; while evaluating: {q_eval.describe()}.")
     print(table)
     return 0
 

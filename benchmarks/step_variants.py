@@ -20,7 +20,6 @@ quietness is recorded (``jtl.bench.Quiet``); a run that was not quiet says so.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
@@ -148,14 +147,8 @@ def main(argv=None) -> int:
     doc = {"kind": "step_variants", "command": " ".join(sys.argv), "preset": args.preset, "batch": args.batch,
            "seq": args.seq, "rounds": rounds, "results": results, "quiet": q, "machine": machine,
            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "variants.json").write_text(json.dumps(doc, indent=1))
-    mach = "\n".join(f"- {k}: {v}" for k, v in machine.items())
-    (out / "variants.md").write_text(
-        f"# Train-step variants: {args.preset} B={args.batch} S={args.seq}\n\n`{doc['command']}` at "
-        f"{doc['time_utc']}\n\n{table}\n\n{args.rounds} alternating rounds of {args.steps} steps. Machine: "
-        f"{quiet.describe()}.\n\n{mach}\n")
+    bench.write_doc(Path(args.out), "variants", doc, f"Train-step variants: {args.preset} B={args.batch} S={args.seq}",
+                    f"{table}\n\n{args.rounds} alternating rounds of {args.steps} steps. Machine: {quiet.describe()}.")
     print(table)
     return 0
 

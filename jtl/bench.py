@@ -40,7 +40,8 @@ from pathlib import Path
 
 import numpy as np
 
-from jtl.bench_report import Quiet, add_quiet, fmt_bytes, machine, md_table, write_report  # noqa: F401 (re-exported)
+from jtl.bench_report import (Quiet, add_quiet, fmt_bytes, machine, md_table, write_doc,  # noqa: F401 (re-exported)
+                              write_report)
 
 DEFAULT_PRESETS = ("minilm-l6", "bert-base")
 FULL_PRESETS = ("minilm-l6", "bert-base", "bert-large", "gpt2-small", "llama-1b")

@@ -226,3 +226,17 @@ def add_quiet(out: Path, kind: str, quiet: dict) -> None:
                       f"{'?' if share is None else f'{100 * share:.1f}%'} of the cores while timing; "
                       f"1-minute load {quiet['load_1min_at_start']} at start, {quiet['load_1min_after']} "
                       f"after; {'quiet' if quiet['quiet'] else 'NOT QUIET: not a figure'}.\n")
+
+
+def write_doc(out: Path, name: str, doc: dict, title: str, body: str) -> str:
+    """``out/name.json`` (``doc``, which names its ``command`` and ``time_utc``) and
+    ``out/name.md``: the title, the command and time, ``body``, then ``doc["machine"]``.
+    Returns the Markdown."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(doc, indent=1, default=str))
+    mach = "\n".join(f"- {k}: {v}" for k, v in doc.get("machine", {}).items())
+    text = f"# {title}\n\n`{doc['command']}` at {doc['time_utc']}\n\n{body}\n" + (
+        f"\nMachine:\n{mach}\n" if mach else "")
+    (out / f"{name}.md").write_text(text)
+    return text

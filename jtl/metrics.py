@@ -55,7 +55,7 @@ def train_flops_per_step(cfg: ModelConfig, batch: int, seq_len: int, task: str =
     """Model FLOPs of one training step on ``batch`` rows of ``seq_len`` (see module doc)."""
     tokens = batch * seq_len
     fwd = tokens * cfg.layers * layer_flops_per_token(cfg, seq_len)
-    if task in ("clm", "sft"):
+    if task == "clm":
         fwd += tokens * 2 * cfg.hidden * cfg.vocab_size
     elif task == "mlm":
         fwd += batch * mlm_predictions * (2 * cfg.hidden * cfg.hidden + 2 * cfg.hidden * cfg.vocab_size)

@@ -101,9 +101,6 @@ def _rows(cfg, split: str, limit: int | None):
                      limit=limit)
 
 
-def _label_of(row, cfg, labels) -> int:
-    from jtl.data.tasks import LabelMap, field
-    return LabelMap(labels, cfg.data.label_field)(field(row, cfg.data.label_field), row.where)
 
 
 def _fill(template: str, row, cfg) -> str:
@@ -118,9 +115,10 @@ def _fill(template: str, row, cfg) -> str:
 
 def evaluate(gen, cfg, *, shots: int = 0, template: str = "{text}\nAnswer:", label_words=None,
              split: str = "validation", max_examples: int | None = None, seed: int = 0,
-             batch_size: int = 8) -> dict:
-    """Accuracy, majority-label rate and prediction counts of ``gen`` on ``cfg``'s task."""
-    from jtl.data.tasks import infer_labels
+             batch_size: int = 8, scorer: Scorer | None = None) -> dict:
+    """Accuracy, majority-label rate and prediction counts of ``gen`` on ``cfg``'s task.
+    ``scorer``: a ``Scorer(gen)`` to reuse (its program is compiled once per row width)."""
+    from jtl.data.tasks import LabelMap, field, infer_labels
     if gen.tokenizer is None:
         raise ConfigError(f"{gen.source}: no tokenizer to write prompts with")
     train = _rows(cfg, "train", None) if (shots or not cfg.data.labels) else []
@@ -129,11 +127,12 @@ def evaluate(gen, cfg, *, shots: int = 0, template: str = "{text}\nAnswer:", lab
     if len(words) != len(labels):
         raise ConfigError(f"--label-words has {len(words)} words for {len(labels)} labels ({', '.join(labels)})")
     rows = _rows(cfg, split, max_examples)
+    label_map = LabelMap(labels, cfg.data.label_field)
+    label_of = lambda row: label_map(field(row, cfg.data.label_field), row.where)
     demo = ""
     if shots:
         pick = np.random.default_rng(seed).choice(len(train), size=min(shots, len(train)), replace=False)
-        demo = "".join(f"{_fill(template, train[i], cfg)} {words[_label_of(train[i], cfg, labels)]}\n\n"
-                       for i in pick)
+        demo = "".join(f"{_fill(template, train[i], cfg)} {words[label_of(train[i])]}\n\n" for i in pick)
     enc = lambda s: gen.tokenizer(s, add_special_tokens=False)["input_ids"]
     word_ids = [enc(" " + w) for w in words]
     if any(not w for w in word_ids):
@@ -142,8 +141,8 @@ def evaluate(gen, cfg, *, shots: int = 0, template: str = "{text}\nAnswer:", lab
     for row in rows:
         ctx = enc(demo + _fill(template, row, cfg))
         pairs += [(ctx, w) for w in word_ids]
-        gold.append(_label_of(row, cfg, labels))
-    scores = np.array(Scorer(gen)(pairs, batch_size)).reshape(len(rows), len(words))
+        gold.append(label_of(row))
+    scores = np.array((scorer or Scorer(gen))(pairs, batch_size)).reshape(len(rows), len(words))
     pred = scores.argmax(1)
     counts = collections.Counter(labels[p] for p in pred)
     return {"shots": shots, "split": split, "examples": len(rows), "template": template,
@@ -167,14 +166,18 @@ def main(argv=None) -> int:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--output", default=None, help="write the results as JSON")
     args = p.parse_args(argv)
+    try:
+        shots = [int(x) for x in args.shots.split(",")]
+    except ValueError:
+        raise ConfigError(f"--shots {args.shots!r}: expected a comma list of integers, e.g. 0,4") from None
+    words = args.label_words.split(",") if args.label_words else None
     cfg = C.load(args.task, [])
     gen = load(args.model)
-    words = args.label_words.split(",") if args.label_words else None
-    results = []
-    for k in (int(x) for x in args.shots.split(",")):
+    scorer, results = Scorer(gen), []
+    for k in shots:
         r = evaluate(gen, cfg, shots=k, template=args.template.replace("\\n", "\n"), label_words=words,
                      split=args.split, max_examples=args.max_examples, seed=args.seed,
-                     batch_size=args.batch_size)
+                     batch_size=args.batch_size, scorer=scorer)
         results.append(r)
         print(f"{k}-shot: accuracy {100 * r['accuracy']:.1f}% on {r['examples']} {args.split} examples; "
               f"most frequent prediction {100 * r['majority_rate']:.0f}% of the time; predicted "

@@ -124,7 +124,9 @@ def params_loader(cfg: Config):
     init_from = cfg.model.init_from
     if not init_from:
         return None
-    m, task = cfg.model, {"sft": "clm"}.get(cfg.task.kind, cfg.task.kind)  # sft: the LM head
+    from jtl.tasks import get as get_task
+    t = get_task(cfg.task.kind)
+    m, task = cfg.model, t.head if t.pretraining else t.name  # LM tasks by their head (sft: clm)
 
     def load(abstract_params):
         p = local_path(init_from)
