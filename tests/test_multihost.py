@@ -78,6 +78,26 @@ def test_two_processes_train_as_one_and_resume_on_one(tmp_path, repo, monkeypatc
         np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=1e-4, atol=1e-6)
 
 
+def test_a_one_process_checkpoint_continues_on_two_processes_with_data_x_fsdp(tmp_path, repo, monkeypatch):
+    """The other direction of the first test, on a mixed mesh: 1 process x 4 devices
+    trains 6 steps; 2 processes x 2 devices (data=2 across the processes, fsdp=2 inside
+    each) restore its step-3 checkpoint (params, optimizer, data position) and train steps
+    4-6 with the uninterrupted run's losses. One launch checks both."""
+    ref, two = tmp_path / "ref", tmp_path / "two"
+    common = ["tiny-mlm", *TINY, "train.steps=6", "train.log_every=1", "checkpoint.enabled=true",
+              "checkpoint.every=3", "checkpoint.keep=3"]  # TINY: mesh.data=2 mesh.fsdp=2
+    monkeypatch.chdir(repo)
+    assert main(["train", *common, f"run_dir={ref}"]) == 0
+    rc, out = launch(["train", *common, f"run_dir={two}", f"checkpoint.resume_from={ref / 'checkpoints' / '3'}"],
+                     repo, devices=2)
+    assert rc == 0, out
+    assert json.loads((two / "summary.json").read_text())["resumed_from_step"] == 3
+    a, b = train_losses(two), train_losses(ref)
+    assert sorted(a) == [4, 5, 6], a
+    for step in a:
+        assert a[step] == pytest.approx(b[step], rel=1e-5, abs=1e-6), (step, a, b)
+
+
 def test_two_process_fine_tuning_counts_every_validation_example_once(tmp_path, repo, monkeypatch):
     from test_finetune import TINY as FT, cls_rows, write_jsonl
     d = tmp_path / "data"
