@@ -1,4 +1,4 @@
-"""``jtl`` command line: train | eval | eval-prompted | predict | export | generate | bench | show-config."""
+"""``jtl`` command line: train | eval | eval-prompted | lm-eval | predict | export | generate | bench | show-config."""
 from __future__ import annotations
 
 import argparse
@@ -104,6 +104,17 @@ def cmd_eval_prompted(args) -> int:
     return prompted_main(args.rest)
 
 
+def cmd_lm_eval(args) -> int:
+    from jtl.config import ConfigError
+    try:
+        from jtl.lm_eval_adapter import main as lm_eval_main
+    except ModuleNotFoundError as e:
+        if not (e.name or "").startswith("lm_eval"):
+            raise
+        raise ConfigError("jtl lm-eval needs lm-evaluation-harness: pip install 'jtl[eval]'") from None
+    return lm_eval_main(args.rest)
+
+
 def cmd_bench(args) -> int:
     from jtl.bench import main as bench_main
     return bench_main(args.rest)
@@ -182,6 +193,10 @@ def main(argv: list[str] | None = None) -> int:
                        "classification task: jtl eval-prompted MODEL TASK [--shots 0,4] (--help)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_eval_prompted)
+    p = sub.add_parser("lm-eval", help="lm-evaluation-harness with the jtl model: jtl lm-eval "
+                       "--model_args run=RUN|WEIGHTS --tasks ... [--include_path DIR] (lm_eval's flags)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(fn=cmd_lm_eval)
     p = sub.add_parser("bench", help="throughput/MFU/memory benchmarks (jtl bench --help)")
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(fn=cmd_bench)
@@ -198,7 +213,10 @@ def main(argv: list[str] | None = None) -> int:
         _setup_logging(True)
         from jtl.bench import main as bench_main
         return bench_main(argv[1:])
-    args = parser.parse_args(argv)
+    if argv[len(lead):len(lead) + 1] == ["lm-eval"]:  # lm_eval parses its own flags (incl. --help)
+        args = argparse.Namespace(quiet=bool(lead), fn=cmd_lm_eval, rest=argv[len(lead) + 1:])
+    else:
+        args = parser.parse_args(argv)
     _setup_logging(not args.quiet)
     from jtl.config import ConfigError
     from jtl.checkpoint import CheckpointError

@@ -47,50 +47,65 @@ def _width(n: int) -> int:
 
 
 class Scorer:
-    """Sum of log p(continuation | context) under a ``jtl.generate.Generator``'s model."""
+    """Sum of log p(continuation | context) under a ``jtl.generate.Generator``'s model.
+
+    A row is context + continuation; the model reads all its tokens but the last (so a
+    row may be ``model.max_len`` + 1 tokens) and each continuation token is scored from
+    the position before it."""
 
     def __init__(self, gen):
         self.gen = gen
         self._fn = jax.jit(self._score)
 
-    def _score(self, params, ids_BS, weights_BS):
+    def _score(self, params, ids_BS, targets_BS, weights_BS):
         m = self.gen.m
         model = nnx.merge(self.gen.graphdef, params)
         seg = (weights_BS >= 0).astype(jnp.int32)  # -1 marks padding
         h = model.backbone(m, ids_BS, seg, None)
-        logp = jax.nn.log_softmax(self.gen._logits(model, h[:, :-1]), axis=-1)
-        tok = jnp.take_along_axis(logp, ids_BS[:, 1:, None], axis=-1)[..., 0]
-        return jnp.sum(tok * jnp.maximum(weights_BS[:, 1:], 0), axis=-1)
+        logp = jax.nn.log_softmax(self.gen._logits(model, h), axis=-1)
+        tok = jnp.take_along_axis(logp, targets_BS[..., None], axis=-1)[..., 0]
+        w = jnp.maximum(weights_BS, 0)
+        greedy = (jnp.argmax(logp, -1) == targets_BS) | (w == 0)
+        return jnp.sum(tok * w, axis=-1), jnp.all(greedy, axis=-1)
 
     def __call__(self, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8) -> list[float]:
         """``pairs`` of (context ids, continuation ids) -> summed log-probabilities."""
+        return self.score(pairs, batch_size)[0]
+
+    def score(self, pairs: list[tuple[list[int], list[int]]], batch_size: int = 8,
+              desc: str = "scoring") -> tuple[list[float], list[bool]]:
+        """(summed log-probabilities, whether greedy decoding gives each continuation)."""
         from jtl.metrics import progress
-        out = [0.0] * len(pairs)
+        logp, greedy = [0.0] * len(pairs), [False] * len(pairs)
         order = sorted(range(len(pairs)), key=lambda i: len(pairs[i][0]) + len(pairs[i][1]))
         limit = self.gen.m.max_len
-        bar = progress(len(pairs), len(pairs) > 64, desc="scoring")
+        bar = progress(len(pairs), len(pairs) > 64, desc=desc)
         for at in range(0, len(order), batch_size):
             idx = order[at:at + batch_size]
-            rows = [pairs[i][0] + pairs[i][1] for i in idx]
-            longest = max(len(r) for r in rows)
+            longest = max(len(pairs[i][0]) + len(pairs[i][1]) for i in idx) - 1  # tokens read
             if longest > limit:
-                raise ConfigError(f"a prompt with its label word is {longest} tokens, more than the model's "
-                                  f"{limit} (model.max_len): use fewer --shots or a shorter --template")
+                raise ConfigError(f"a prompt with its label word is {longest + 1} tokens, more than the model's "
+                                  f"{limit} (model.max_len) + 1: use fewer --shots or a shorter --template")
             width = min(_width(longest), limit)
             ids = np.full((batch_size, width), self.gen.m.pad_id, np.int32)
+            targets = np.zeros((batch_size, width), np.int32)
             w = np.full((batch_size, width), -1.0, np.float32)
             for r, i in enumerate(idx):
                 ctx, cont = pairs[i]
-                ids[r, :len(ctx) + len(cont)] = ctx + cont
-                w[r, :len(ctx)] = 0.0
-                w[r, len(ctx):len(ctx) + len(cont)] = 1.0
+                if not ctx or not cont:
+                    raise ConfigError(f"pair {i}: the context and the continuation need a token each "
+                                      f"(got {len(ctx)} and {len(cont)})")
+                row = ctx + cont
+                ids[r, :len(row) - 1], targets[r, :len(row) - 1] = row[:-1], row[1:]
+                w[r, :len(row) - 1] = 0.0
+                w[r, len(ctx) - 1:len(row) - 1] = 1.0
             with S.activate(self.gen.mesh):
-                got = np.asarray(jax.device_get(self._fn(self.gen.params, ids, w)))
+                got, ok = jax.device_get(self._fn(self.gen.params, ids, targets, w))
             for r, i in enumerate(idx):
-                out[i] = float(got[r])
+                logp[i], greedy[i] = float(got[r]), bool(ok[r])
             bar.update(len(idx))
         bar.close()
-        return out
+        return logp, greedy
 
 
 def _rows(cfg, split: str, limit: int | None):
