@@ -158,13 +158,19 @@ def shape_bytes(text: str) -> int:
 _DEF_RE = re.compile(r"^\s*(?:ROOT\s+)?%(?P<name>[\w.\-]+)\s*=\s*(?P<type>.+?)\s+[\w\-]+\(")
 
 
-def collectives(hlo_text: str) -> dict:
+def collectives(hlo_text: str, process_of=None) -> dict:
     """{op: {count, operand_bytes, result_bytes}} for the collectives in compiled HLO text.
 
     Async pairs are counted once (the ``-start``); a ``-done`` is not a new op.
     Bytes are per device (this device's operands and results). Compiled HLO
     names operands without their shapes, so each operand's shape is looked up
-    from the line that defines it."""
+    from the line that defines it.
+
+    ``process_of[i]``: the process holding logical device i (position i of the
+    program's device assignment, i.e. ``mesh.devices.flat``). With it, each op also
+    gets ``cross_process_operand_bytes`` (ops whose device groups span processes:
+    the bytes that cross the network between hosts) and ``unclassified_operand_bytes``
+    (a replica-group form this parser does not know)."""
     lines = hlo_text.splitlines()
     types = {}
     for line in lines:
@@ -172,6 +178,9 @@ def collectives(hlo_text: str) -> dict:
         if d:
             types[d["name"]] = d["type"]
     out = {op: {"count": 0, "operand_bytes": 0, "result_bytes": 0} for op in COLLECTIVES}
+    if process_of is not None:
+        for rec in out.values():
+            rec.update(cross_process_operand_bytes=0, unclassified_operand_bytes=0)
     for line in lines:
         m = _OP_RE.search(line)
         if not m:
@@ -179,10 +188,76 @@ def collectives(hlo_text: str) -> dict:
         rec = out[m["op"]]
         rec["count"] += 1
         inline = shape_bytes(m["args"])
-        rec["operand_bytes"] += inline or sum(shape_bytes(types.get(n, ""))
-                                              for n in re.findall(r"%([\w.\-]+)", m["args"]))
+        operand = inline or sum(shape_bytes(types.get(n, "")) for n in re.findall(r"%([\w.\-]+)", m["args"]))
+        rec["operand_bytes"] += operand
         rec["result_bytes"] += shape_bytes(m["result"])
+        if process_of is not None:
+            groups = device_groups(line, len(process_of))
+            if groups is None:
+                rec["unclassified_operand_bytes"] += operand
+            elif any(len({process_of[i] for i in g}) > 1 for g in groups):
+                rec["cross_process_operand_bytes"] += operand
     return out
+
+
+_IOTA_RE = re.compile(r"\[([\d,]+)\](?:<=\[([\d,]+)\](?:T\(([\d,]+)\))?)?")
+_MESH_RE = re.compile(r"replica_groups=mesh\[(?P<axes>[^\]]*)\]"
+                      r"(?:,\s*device_ids=\((?P<ids>\[[\d,]*\](?:T\([\d,]*\))?|[\d,\s]*)\))?\s*\{(?P<group>[^}]*)\}")
+
+
+def _iota(dims: str, reshape: str | None, perm: str | None) -> np.ndarray:
+    """XLA's iota tile assignment ``[dims]<=[reshape]T(perm)``: arange, reshaped, transposed."""
+    shape = [int(x) for x in (reshape or dims).split(",")]
+    ids = np.arange(math.prod(shape)).reshape(shape)
+    if perm:
+        ids = ids.transpose([int(x) for x in perm.split(",")])
+    return ids.reshape([int(x) for x in dims.split(",")])
+
+
+def device_groups(line: str, n_devices: int) -> list[list[int]] | None:
+    """The groups of logical device ids that one collective's HLO line exchanges data
+    within, from any of the forms XLA prints: no ``replica_groups`` / ``{}`` (all devices),
+    ``{{0,1},{2,3}}``, iota ``[2,4]<=[4,2]T(1,0)``, mesh axes ``mesh['a'=2,'b'=4],
+    device_ids=([2,4]T(1,0)) {'b'}`` (sub-axes ``'b':(1)2``), and collective-permute's
+    ``source_target_pairs``. None for a form not recognised."""
+    pairs = re.search(r"source_target_pairs=\{((?:\{\d+,\d+\},?)*)\}", line)
+    if pairs:
+        return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", pairs[1])]
+    mesh = _MESH_RE.search(line)
+    if mesh:
+        axes = re.findall(r"'([^']+)'=(\d+)", mesh["axes"])
+        sizes = [int(s) for _, s in axes]
+        if mesh["ids"] and "[" in mesh["ids"]:
+            iota = re.fullmatch(r"\[([\d,]+)\](?:T\(([\d,]+)\))?", mesh["ids"])
+            ids = _iota(",".join(map(str, sizes)), iota[1], iota[2])
+        elif mesh["ids"]:
+            ids = np.array([int(x) for x in mesh["ids"].replace(" ", "").split(",")]).reshape(sizes)
+        else:
+            ids = np.arange(math.prod(sizes)).reshape(sizes)
+        # A device's group is fixed by its mesh coordinates with the grouped (sub-)axes' digits
+        # removed: for 'b', all of b; for 'b':(pre)size, the digit (c // pre) % size of b.
+        names = [n for n, _ in axes]
+        grouped = {}
+        for name, pre, size in re.findall(r"'([^']+)'(?::\((\d+)\)(\d+))?", mesh["group"]):
+            if name not in names:
+                return None
+            d = names.index(name)
+            grouped.setdefault(d, []).append((int(pre), int(size)) if pre else (1, sizes[d]))
+        groups: dict = {}
+        for coord in np.ndindex(*sizes):
+            key = tuple(c - sum((c // pre) % size * pre for pre, size in grouped.get(d, ()))
+                        for d, c in enumerate(coord))
+            groups.setdefault(key, []).append(int(ids[coord]))
+        return list(groups.values())
+    rg = re.search(r"replica_groups=(\{[\d,{}]*\}|\[[\d,]+\](?:<=\[[\d,]+\](?:T\([\d,]+\))?)?)", line)
+    if rg is None:
+        return None if "replica_groups=" in line else [list(range(n_devices))]
+    text = rg[1]
+    if text.startswith("{"):
+        groups = [[int(x) for x in g.split(",") if x] for g in re.findall(r"\{([\d,]*)\}", text[1:-1])]
+        return groups or [list(range(n_devices))]
+    iota = _IOTA_RE.fullmatch(text)
+    return [list(map(int, g)) for g in _iota(*iota.groups())] if iota else None
 
 
 # ---------------------------------------------------------------- measurements
@@ -236,10 +311,11 @@ def measure(cfg, mesh=None, *, warmup: int = 2, steps: int = 5, host_peak: float
     }
 
 
-def analyze(cfg, mesh, *, platform: str = "cpu") -> dict:
+def analyze(cfg, mesh, *, platform: str = "cpu", process_of=None) -> dict:
     """Compile the train step for ``mesh`` without allocating anything: per-device
     state bytes, XLA memory, FLOPs and collectives. ``mesh`` may be an
-    ``AbstractMesh`` bigger than this machine (compiled for analysis only)."""
+    ``AbstractMesh`` bigger than this machine (compiled for analysis only).
+    ``process_of``: see ``collectives`` (which bytes would cross hosts)."""
     import jax
     from jtl import sharding as S
     from jtl.metrics import train_flops_per_step
@@ -267,7 +343,7 @@ def analyze(cfg, mesh, *, platform: str = "cpu") -> dict:
     total_params_b = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state[0]))
     opt_b = S.per_device_bytes(state[1])
     total_opt_b = sum(math.prod(x.shape) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(state[1]))
-    coll = collectives(compiled.as_text())
+    coll = collectives(compiled.as_text(), process_of)
     return {
         "preset": cfg.name, "dtype": cfg.model.dtype, "batch": cfg.train.batch_size,
         "seq": cfg.data.seq_len, "devices": mesh.size,

@@ -104,6 +104,36 @@ def test_collective_parser_on_hlo_text():
     assert c["all-to-all"]["count"] == 0
 
 
+def test_collective_device_groups_in_every_printed_form_and_the_bytes_that_cross_processes():
+    g = bench.device_groups
+    # jax 0.10's mesh-axes form; data=2 x fsdp=4: device (d, f) is 4d+f, so fsdp groups stay in a process
+    fsdp = ("%ag = f32[512,128]{0,1} all-gather(%c), channel_id=7, replica_groups=mesh['axis_0'=1,'axis_1'=4,"
+            "'axis_2'=2], device_ids=([2,4]T(1,0)) {'axis_1'}, dimensions={1}, use_global_device_ids=true")
+    assert sorted(map(sorted, g(fsdp, 8))) == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    data = "%ar = f32[] all-reduce(%x), replica_groups=mesh['axis_0'=2,'axis_1'=4] {'axis_0'}, to_apply=%add"
+    assert sorted(map(sorted, g(data, 8))) == [[0, 4], [1, 5], [2, 6], [3, 7]]
+    sub = "%ar = f32[] all-reduce(%x), replica_groups=mesh['a'=8] {'a':(2)2}, to_apply=%add"  # bit 1 of a
+    assert sorted(map(sorted, g(sub, 8))) == [[0, 2], [1, 3], [4, 6], [5, 7]]
+    assert g("%ar = f32[] all-reduce(%x), replica_groups=[2,4]<=[4,2]T(1,0)", 8) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert g("%ar = f32[] all-reduce(%x), replica_groups={{0,1},{2,3}}", 4) == [[0, 1], [2, 3]]
+    assert g("%ar = f32[] all-reduce(%x), replica_groups={}", 4) == [[0, 1, 2, 3]]
+    assert g("%cp = f32[2] collective-permute(%x), source_target_pairs={{0,1},{1,0}}", 2) == [[0, 1], [1, 0]]
+    assert g("%ar = f32[] all-reduce(%x), replica_groups=something_new", 4) is None
+
+    hlo = f"""
+  %c = f32[128,128]{{1,0}} parameter(0)
+  %x = f32[16]{{0}} parameter(1)
+  {fsdp}
+  {data}
+  %odd = f32[16]{{0}} all-reduce(%x), replica_groups=something_new, to_apply=%add
+"""
+    c = bench.collectives(hlo, [i // 4 for i in range(8)])  # 2 processes x 4 devices
+    assert c["all-gather"]["operand_bytes"] == 65536 and c["all-gather"]["cross_process_operand_bytes"] == 0
+    assert c["all-reduce"]["operand_bytes"] == 16 * 4 + 16 * 4
+    assert c["all-reduce"]["cross_process_operand_bytes"] == 64  # the data-axis reduction
+    assert c["all-reduce"]["unclassified_operand_bytes"] == 64
+
+
 def test_collectives_on_2x2x2_mesh_find_fsdp_all_gathers(tiny):
     cfg = bench.bench_config(tiny, 8, 16)
     mixed = bench.analyze(cfg, S.make_mesh((2, 2, 2)))
