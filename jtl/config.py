@@ -151,6 +151,12 @@ class TaskConfig:
     # buckets do not upweight the tokens of short rows; "batch" = the mean over the
     # batch's own labelled tokens (what a plain PyTorch loop over random batches does).
     token_weighting: Literal["equal", "batch"] = "equal"
+    # SFT: at each validation, also generate (greedy, KV cache) a completion for each
+    # validation prompt and score it against the reference response: exact_match,
+    # label_accuracy (first word) or bleu (sacrebleu). null = off (no generation cost).
+    generate_metric: Literal["exact_match", "label_accuracy", "bleu"] | None = None
+    generate_tokens: int = 32  # max new tokens per completion
+    generate_examples: int | None = None  # the first N validation rows; null = all
 
 
 @dataclass(frozen=True)
@@ -388,6 +394,17 @@ def validate(cfg: Config) -> None:
     if dist.process_id is not None and not 0 <= dist.process_id < (dist.num_processes or dist.process_id + 1):
         raise ConfigError(f"distributed.process_id={dist.process_id} must be in [0, "
                           f"distributed.num_processes={dist.num_processes})")
+    tk = cfg.task
+    if tk.generate_metric is not None:
+        if tk.kind != "sft":
+            raise ConfigError(f"task.generate_metric={tk.generate_metric!r} is for task.kind=sft "
+                              f"(generation on the validation prompts), not {tk.kind!r}")
+        if not d.validation:
+            raise ConfigError(f"task.generate_metric={tk.generate_metric!r} needs data.validation "
+                              f"(its prompts are completed and scored)")
+    for key, v in (("task.generate_tokens", tk.generate_tokens), ("task.generate_examples", tk.generate_examples)):
+        if v is not None and v < 1:
+            raise ConfigError(f"{key} must be >= 1, got {v}")
     if list(d.buckets) != sorted(set(d.buckets)) or (d.buckets and d.buckets[-1] > d.seq_len):
         raise ConfigError(f"data.buckets={list(d.buckets)} must be increasing and <= "
                           f"data.seq_len={d.seq_len}")

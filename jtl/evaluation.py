@@ -7,6 +7,8 @@ seqeval in tests/test_evaluation.py).
   IOB/IOB2 tags (an ``I-X`` after something other than ``B-X``/``I-X`` starts a new
   entity, as conlleval and seqeval's default mode do)
 * ``squad_exact`` / ``squad_f1``: SQuAD v1.1 answer normalisation, max over gold answers
+* ``generation_score``: generated text against references (SFT validation): exact match,
+  label-word accuracy, corpus BLEU (sacrebleu)
 """
 from __future__ import annotations
 
@@ -175,3 +177,25 @@ def multilabel_scores(y_true, y_pred) -> dict:
                       (t[:, c] & ~p[:, c]).sum())[2] for c in range(t.shape[1])]
     return {"accuracy": float((t == p).all(1).mean()), "micro_f1": f, "f1": f,
             "macro_f1": float(np.mean(per_label)) if per_label else 0.0}
+
+
+def _first_word(text: str) -> str:
+    words = text.split()
+    return words[0].strip(string.punctuation).lower() if words else ""
+
+
+def generation_score(metric: str, completions: list[str], references: list[str]) -> float:
+    """``exact_match``: the share of completions equal to their reference (surrounding
+    whitespace ignored); ``label_accuracy``: the share whose first word is the reference's
+    first word (case and surrounding punctuation ignored: " Positive." = "positive");
+    ``bleu``: sacrebleu's corpus BLEU (0-100) with its default tokenizer."""
+    if len(completions) != len(references) or not references:
+        raise ValueError(f"{len(completions)} completions for {len(references)} references")
+    if metric == "exact_match":
+        return float(np.mean([c.strip() == r.strip() for c, r in zip(completions, references)]))
+    if metric == "label_accuracy":
+        return float(np.mean([_first_word(c) == _first_word(r) for c, r in zip(completions, references)]))
+    if metric == "bleu":
+        import sacrebleu
+        return float(sacrebleu.corpus_bleu(completions, [references]).score)
+    raise ValueError(f"unknown generation metric {metric!r} (exact_match, label_accuracy, bleu)")

@@ -48,6 +48,36 @@ def evaluate_lm(setup: Setup, arrays: dict, batch_size: int) -> dict:
             "tokens": count}
 
 
+def generation_eval(setup: Setup, tok, rows, cfg: Config, batch_size: int):
+    """SFT validation by generation (``task.generate_metric``): a function that completes
+    the validation prompts greedily with the KV-cache generator on ``setup``'s current
+    parameters and scores the completions against the reference responses."""
+    from flax import nnx
+
+    from jtl.evaluation import generation_score
+    from jtl.generate import from_setup
+    t = cfg.task
+    rows = rows[:t.generate_examples] if t.generate_examples else rows
+    room = min(cfg.data.seq_len, cfg.model.max_len - t.generate_tokens)
+    if room < 1:
+        raise ConfigError(f"task.generate_tokens={t.generate_tokens} leaves no room for a prompt in "
+                          f"model.max_len={cfg.model.max_len}")
+    prompts, references = zip(*(sft.generation_prompt(tok, r, cfg) for r in rows))
+    prompts = [p[-room:] for p in prompts]  # a long prompt keeps its end
+    gen = None
+
+    def run() -> dict:
+        nonlocal gen
+        if gen is None:
+            gen = from_setup(setup, tok)
+        else:  # the same Generator: its prefill and decode programs compile once per run
+            gen.params = nnx.split(setup.model())[1]
+        texts = [c.text for c in gen.generate(prompts, max_new_tokens=t.generate_tokens, batch_size=batch_size)]
+        log.info("generated %d completions, e.g. %r (reference %r)", len(texts), texts[0], references[0])
+        return {t.generate_metric: generation_score(t.generate_metric, texts, list(references))}
+    return run
+
+
 def pretrain(cfg: Config, load_params=None, on_step=None) -> dict:
     """Run MLM/CLM pretraining as configured; returns the summary (also summary.json).
 
@@ -81,8 +111,8 @@ def _pretrain(cfg: Config, load_params, on_step) -> dict:
         needs_texts = birth.tokenizer_source(cfg, out_dir) is None
         tok = birth.tokenizer(cfg, sft.sft_texts(train_rows, cfg) if needs_texts else None, out_dir)
         rows = sft.build_sft_rows(train_rows, tok, cfg)
-        val_rows = (sft.build_sft_rows(read(cfg.data.validation, "validation"), tok, cfg)
-                    if cfg.data.validation else None)
+        val_source = read(cfg.data.validation, "validation") if cfg.data.validation else None
+        val_rows = sft.build_sft_rows(val_source, tok, cfg) if val_source is not None else None
     else:
         texts, wheres = _texts(cfg, cfg.data.train, "train")
         tok = birth.tokenizer(cfg, texts, out_dir)
@@ -107,7 +137,12 @@ def _pretrain(cfg: Config, load_params, on_step) -> dict:
         return done
     it = train_iterator(rows, cfg.train.batch_size, seed=cfg.data.seed, shuffle=cfg.data.shuffle)
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
-    validate = (lambda: evaluate_lm(setup, val_rows, eval_bs)) if val_rows is not None else None
+    by_generation = generation_eval(setup, tok, val_source, cfg, eval_bs) if cfg.task.generate_metric else None
+
+    def validate() -> dict:
+        out = evaluate_lm(setup, val_rows, eval_bs)
+        return {**out, **by_generation()} if by_generation is not None else out
+    validate = validate if val_rows is not None else None
     evaluation = Evaluation(metric, task.metric_mode(cfg, metric), validate, cfg.train.eval_every,
                             cfg.train.patience)
     def flops(width: int) -> float:  # packed rows: every batch is seq_len wide

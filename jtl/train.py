@@ -260,6 +260,7 @@ _NOT_TRACED = {"name": None, "run_dir": None, "checkpoint": None, "distributed":
                "data": ("train", "validation", "test", "hf_config", "tokenizer", "tokenizer_vocab",
                         "max_examples", "max_train_examples", "examples_per_label", "sample_seed",
                         "shuffle", "seed", "lowercase"),
+               "task": ("generate_metric", "generate_tokens", "generate_examples"),
                "train": ("steps", "epochs", "eval_every", "eval_batch_size", "log_every", "patience",
                          "seed", "max_consecutive_skips", "progress")}
 _PROGRAMS: "collections.OrderedDict[tuple, Programs]" = collections.OrderedDict()

@@ -83,7 +83,8 @@ def test_runs_of_one_process_share_programs_only_when_nothing_traced_differs():
     base = tiny_cfg("mlm")
     first = compiled_programs(base, SPEC, mesh, 10)
     untraced = tiny_cfg("mlm", **{"train.seed": 7, "data.sample_seed": 3, "run_dir": "/tmp/elsewhere",
-                                  "data.train": "other.txt", "train.log_every": 1, "checkpoint.enabled": True})
+                                  "data.train": "other.txt", "train.log_every": 1, "checkpoint.enabled": True,
+                                  "task.generate_tokens": 8})
     assert compiled_programs(untraced, SPEC, mesh, 10) is first
     for over in ({"optim.lr": 2e-2}, {"model.dropout": 0.1}, {"data.mask_prob": 0.2},
                  {"train.nan_policy": "skip"}, {"optim.freeze": ("embed",)}, {"task.label_smoothing": 0.1}):

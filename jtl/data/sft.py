@@ -138,3 +138,23 @@ def sft_texts(rows: list[Row], cfg) -> list[str]:
             out += [_text(row, d.prompt_field), _text(row, d.response_field)]
     return out
 
+
+def generation_prompt(tok, row: Row, cfg) -> tuple[list[int], str]:
+    """(prompt token ids, reference) for evaluation by generation: the tokens the model
+    reads before the row's last response in training, and that response's text."""
+    d = cfg.data
+    use_template = d.chat_template if d.chat_template is not None else bool(getattr(tok, "chat_template", None))
+    if d.messages_field in row.data:
+        msgs = _messages(row, d.messages_field)
+        last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
+        msgs, reference = msgs[:last], msgs[last]["content"]
+    elif use_template:
+        msgs, reference = [{"role": "user", "content": _text(row, d.prompt_field)}], _text(row, d.response_field)
+    else:
+        msgs, reference = None, _text(row, d.response_field)
+    text = _text(row, d.prompt_field) if msgs is None else _render(tok, msgs, row.where, add_generation_prompt=True)
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    if not ids:
+        raise DataError(f"{row.where}: empty prompt: nothing to generate a response from "
+                        f"(task.generate_metric)")
+    return ids, reference

@@ -22,8 +22,12 @@ register(CLM())
 
 class SFT(CLM):
     """Instruction tuning: the CLM loss on packed prompt/response examples whose
-    ``loss_weights`` are 1 only on response tokens (``jtl.data.sft``)."""
+    ``loss_weights`` are 1 only on response tokens (``jtl.data.sft``). Its validation may
+    also score generated completions (``task.generate_metric``, ``jtl.pretrain``)."""
     name = "sft"
+
+    def allowed_metrics(self, cfg):
+        return self.metrics + ((cfg.task.generate_metric,) if cfg.task.generate_metric else ())
 
 
 register(SFT())
