@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -42,6 +43,11 @@ def test_two_processes_train_as_one_and_resume_on_one(tmp_path, repo, monkeypatc
     # every process speaks, with its rank; the summary is printed once, by process 0
     assert "[0] " in out and "[1] " in out and out.count('"steps": 6') == 1, out
     assert "[Gloo]" not in out
+    # each process tokenized half of the documents (jtl.data.lm.tokenize_all) and gathered the rest
+    halves = {int(r): (int(k), int(n)) for r, k, n in
+              re.findall(r"\[(\d)\] .*process \1 tokenized (\d+) of (\d+) documents", out)}
+    assert sorted(halves) == [0, 1] and halves[0][0] + halves[1][0] == halves[0][1] == halves[1][1], out
+    assert halves[0][0] < halves[0][1]
     # one writer: one metrics line per logged step, one config, one tokenizer
     lines = [json.loads(x) for x in open(two / "metrics.jsonl")]
     assert [r["step"] for r in lines if r["split"] == "train"] == [1, 2, 3, 4, 5, 6]

@@ -76,3 +76,23 @@ def test_token_id_beyond_vocab_is_an_error(wordpiece):
     with pytest.raises(DataError, match=r"corpus.txt:7: token id \d+ >= model.vocab_size=50"):
         lm.build_lm_rows(["the movie number 9 was good"], ["corpus.txt:7"], wordpiece, kind="mlm",
                          seq_len=16, vocab_limit=50)
+
+
+def test_processes_tokenize_disjoint_stripes_that_together_are_the_whole_text(wordpiece):
+    """With P processes each tokenizes texts[p::P] (``lm.tokenize_all`` all-gathers the
+    ids); here the gather is done by hand over 3 simulated processes."""
+    texts = [f"the movie number {i} was " + "good " * (i % 4) for i in range(10)] + [""]
+    seen = []
+
+    def recording(batch, **kw):
+        seen.append(list(batch))
+        return wordpiece(batch, **kw)
+
+    outs = [lm.tokenize_stripe(recording, texts, p, 3) for p in range(3)]
+    assert all(set(a).isdisjoint(b) for i, a in enumerate(seen) for b in seen[i + 1:])
+    assert sorted(t for s in seen for t in s) == sorted(texts)  # each document once
+    counts_PN = np.stack([c for c, _ in outs])  # what process_allgather returns
+    longest = max(len(f) for _, f in outs)
+    flat_PT = np.stack([np.pad(f, (0, longest - len(f))) for _, f in outs])
+    got = lm.assemble_stripes(counts_PN, flat_PT, len(texts))
+    assert got == wordpiece(texts, add_special_tokens=False)["input_ids"]

@@ -7,9 +7,13 @@ computes on real tokens, not padding.
 """
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 
 from jtl.data.sources import DataError
+
+log = logging.getLogger("jtl")
 
 MLM_KEYS = ("input_ids", "segment_ids", "positions", "mlm_eligible")
 CLM_KEYS = ("input_ids", "segment_ids", "positions", "targets", "loss_weights")
@@ -68,12 +72,56 @@ def pack(pieces, seq_len: int, kind: str, pad_id: int, specials: set[int], pack_
     return out
 
 
+def tokenize_stripe(tok, texts: list[str], process_index: int, process_count: int):
+    """This process's stripe of the documents, ``texts[p::P]``, tokenized: (token count
+    of each of its documents, all their ids concatenated), padded to the same shapes in
+    every process (``ceil(n/P)`` counts) so that they can be all-gathered."""
+    mine = texts[process_index::process_count]
+    ids = tok(mine, add_special_tokens=False)["input_ids"] if mine else []
+    counts = np.zeros(-(-len(texts) // process_count), np.int32)
+    counts[:len(ids)] = [len(x) for x in ids]
+    flat = np.concatenate([np.asarray(x, np.int32) for x in ids] or [np.zeros(0, np.int32)])
+    return counts, flat
+
+
+def assemble_stripes(counts_PN: np.ndarray, flat_PT: np.ndarray, n_texts: int) -> list[list[int]]:
+    """Every document's ids in document order, from all processes' ``tokenize_stripe``
+    outputs stacked (``flat`` zero-padded to the longest)."""
+    P = len(counts_PN)
+    out: list = [None] * n_texts
+    for p in range(P):
+        ends = np.cumsum(counts_PN[p])
+        for j, i in enumerate(range(p, n_texts, P)):
+            out[i] = flat_PT[p, ends[j] - counts_PN[p, j]:ends[j]].tolist()
+    return out
+
+
+def tokenize_all(tok, texts: list[str]) -> list[list[int]]:
+    """``tok(texts)``'s ids. With several processes each tokenizes only its stripe of the
+    documents and the ids are all-gathered, so the tokenizing work is split while every
+    process still plans the one global packing and order (identical to 1 process: a
+    document's ids do not depend on which batch it was tokenized in)."""
+    import jax
+    pc = jax.process_count()
+    if pc == 1:
+        return tok(texts, add_special_tokens=False)["input_ids"]
+    from jax.experimental import multihost_utils
+    counts, flat = tokenize_stripe(tok, texts, jax.process_index(), pc)
+    log.info("process %d tokenized %d of %d documents (%d tokens); gathering the others' ids",
+             jax.process_index(), len(texts[jax.process_index()::pc]), len(texts), len(flat))
+    counts_PN = np.asarray(multihost_utils.process_allgather(counts))
+    longest = max(int(counts_PN.sum(1).max()), 1)  # every process pads to the same length
+    flat_PT = np.asarray(multihost_utils.process_allgather(np.pad(flat, (0, longest - len(flat)))))
+    return assemble_stripes(counts_PN, flat_PT, len(texts))
+
+
 def build_lm_rows(texts: list[str], wheres: list[str], tok, *, kind: str, seq_len: int,
                   vocab_limit: int, pack_rows: bool = True) -> dict:
-    """Tokenize ``texts`` and pack into rows; checks every id against the model vocab."""
+    """Tokenize ``texts`` (split over the processes: ``tokenize_all``) and pack into rows;
+    checks every id against the model vocab."""
     from jtl.data.tokenizer import special_ids
     sp = special_ids(tok)
-    enc = tok(texts, add_special_tokens=False)["input_ids"]
+    enc = tokenize_all(tok, texts)
     for ids, where in zip(enc, wheres):
         if ids and max(ids) >= vocab_limit:
             raise DataError(f"{where}: token id {max(ids)} >= model.vocab_size={vocab_limit}; "
