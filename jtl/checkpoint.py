@@ -506,13 +506,14 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None,
     saved_flat = {tuple(str(getattr(k, "key", k)) for k in p): v
                   for p, v in jax.tree_util.tree_flatten_with_path(saved)[0]}
     want = {}
-    problems = []
+    problems, missing = [], []
     for p, v in abstract_params.flat_state():
         key = tuple(map(str, p))
         if prefix and key[:len(prefix)] != prefix:
             continue
         meta = saved_flat.get(key)
         if meta is None:
+            missing.append(".".join(key))
             continue
         if tuple(meta.shape) != tuple(v.shape):
             problems.append(f"{'.'.join(key)}: checkpoint {tuple(meta.shape)} vs model {tuple(v.shape)}")
@@ -520,6 +521,11 @@ def restore_params(path: str | Path, abstract_params, step: int | None = None,
         want[key] = v
     if problems:
         raise CheckpointError(f"{ckdir}/{step}: shape mismatch:\n  " + "\n  ".join(problems))
+    if want and missing:  # left at their random init, they would silently spoil the transfer
+        raise CheckpointError(f"{ckdir}/{step}: the checkpoint lacks {len(missing)} parameter(s) this model "
+                              f"has: {', '.join(missing[:6])}{' ...' if len(missing) > 6 else ''}; the "
+                              f"saved run's architecture differs from this one (compare the model "
+                              f"sections of the two config.yaml files)")
     if not want:
         raise CheckpointError(f"{ckdir}/{step}: no parameters in common with this model")
     target = {}

@@ -79,6 +79,22 @@ def test_flipped_bytes_in_any_array_file_are_refused_naming_the_file(reference, 
         ckpt.restore_params(run, load(reference, cfg)[0][0], step=12)
 
 
+
+def test_init_from_a_checkpoint_that_lacks_some_of_the_models_parameters_is_refused_naming_them(reference, tmp_path):
+    """A parameter the model has but the checkpoint lacks used to keep its random init, silently
+    (a backbone pretrained with another layout gave a half-transferred model)."""
+    from test_checkpoint import fresh_state
+    import jtl.sharding as S
+    cfg = make_cfg(reference, "model.type_vocab=3")  # token-type embeddings: (3, 32) vs (2, 32)
+    with pytest.raises(ckpt.CheckpointError, match=r"backbone\.embed\.types: checkpoint \(2, 32\) vs model \(3, 32\)"):
+        ckpt.restore_params(reference, fresh_state(cfg, S.make_mesh(cfg.mesh))[0], prefix=("backbone",))
+    abstract = fresh_state(make_cfg(reference), S.make_mesh(cfg.mesh))[0]
+    saved_without_types = tmp_path / "no-types"  # a run whose encoder has no token-type embeddings
+    pretrain(make_cfg(saved_without_types, "model.type_vocab=0", "train.steps=1", "checkpoint.every=1",
+                      tokenizer=reference / "tokenizer"))
+    with pytest.raises(ckpt.CheckpointError, match=r"lacks 1 parameter\(s\) this model has: backbone\.embed\.types"):
+        ckpt.restore_params(saved_without_types, abstract, prefix=("backbone",))
+
 def _without_root_override():
     """preexec_fn: as root, give up the capabilities that let root write anywhere
     (CAP_DAC_OVERRIDE, CAP_DAC_READ_SEARCH), so file modes apply to the child too."""
