@@ -11,8 +11,8 @@ How a batch is run, in fixed shapes:
   row's last prompt token sits in slot P-1 and all rows write their next token into
   the same cache slot; row b's real tokens start at slot ``start[b]``; positions
   (RoPE or learned) count from there, and the pad slots are masked out as keys;
-* the cache has T = P + max_new_tokens slots per layer ([layers, B, T, kv_heads,
-  head_dim], sharded like activations: batch over data x fsdp, kv heads over
+* the cache has T = P + max_new_tokens slots per layer (one [B, kv_heads, T, head_dim]
+  buffer per layer, sharded like activations: batch over data x fsdp, kv heads over
   tensor); the prefill writes slots 0..P-1 and samples the first new token;
 * the decode program is one ``lax.while_loop`` that feeds one token per step; how
   many steps it may take is an argument, so the same compiled program runs the whole
@@ -43,7 +43,7 @@ from flax import nnx
 from jtl import sharding as S
 from jtl.config import Config, ConfigError
 from jtl.models import layers as L
-from jtl.models.transformer import CACHE, uses_rope
+from jtl.models.transformer import CACHE, decode_layers, uses_rope
 
 log = logging.getLogger("jtl.generate")
 
@@ -127,23 +127,36 @@ class Generator:
             raise ConfigError(f"{source or 'model'}: has no LM head (task.kind={cfg.task.kind}, untied "
                               f"embeddings): nothing to generate tokens with")
         self._prefill = jax.jit(self._prefill_fn, static_argnames=("n_new", "cache_len", "static"))
-        self._decode = jax.jit(self._decode_fn, static_argnames=("static",), donate_argnums=(1,))
+        self._decode = jax.jit(self._decode_fn, static_argnames=("static",), donate_argnums=(2,))
+        self._split = jax.jit(lambda params: decode_layers(cfg.model, nnx.merge(graphdef, params)
+                                                           .backbone.layers.arrays()))
+        self._layers_of = (None, None)  # (params, their per-layer split)
+
+    def layers(self):
+        """The layer params split per layer for the decode loop (``transformer.decode_layers``),
+        made once per ``self.params`` (a second copy of the layer weights): the loop then
+        reads each weight in place instead of slicing the stack at every token."""
+        if self._layers_of[0] is not self.params:
+            with S.activate(self.mesh):
+                self._layers_of = (self.params, self._split(self.params))
+        return self._layers_of[1]
 
     # -- programs (traced under the mesh and rules) --
 
     def _logits(self, model, h_BD):
         return L.dense(h_BD, model.output_matrix(), None, h_BD.dtype).astype(jnp.float32)
 
-    def _prefill_fn(self, params, ids_BP, start_B, row_ids_B, live_B, key, eos_E, knobs, *,
+    def _prefill_fn(self, params, layers, ids_BP, start_B, row_ids_B, live_B, key, eos_E, knobs, *,
                     n_new: int, cache_len: int, static):
         m = self.m
         model = nnx.merge(self.graphdef, params)
         b, p = ids_BP.shape
-        shape = (m.layers, b, cache_len, m.num_kv_heads, m.dim_per_head)
-        cache = {n: S.constrain(jnp.zeros(shape, jnp.dtype(m.dtype)), CACHE) for n in ("k", "v")}
+        shape = (b, m.num_kv_heads, cache_len, m.dim_per_head)
+        cache = {n: [S.constrain(jnp.zeros(shape, jnp.dtype(m.dtype)), CACHE) for _ in range(m.layers)]
+                 for n in ("k", "v")}
         positions = jnp.maximum(jnp.arange(p)[None] - start_B[:, None], 0)
         mask = L.cache_mask(start_B, 0, p, cache_len)
-        h, cache = model.backbone.decode(m, ids_BP, positions, mask, cache, 0)
+        h, cache = model.backbone.decode(m, ids_BP, positions, mask, cache, 0, layers)
         tok = self._pick(model, h[:, -1], key, row_ids_B, 0, knobs, static)
         tokens = jnp.full((b, n_new), m.pad_id, jnp.int32).at[:, 0].set(tok)
         return dict(cache=cache, tokens=S.constrain(tokens, ("batch", None)), last=tok,
@@ -156,10 +169,10 @@ class Generator:
         return _sample(self._logits(model, h_BD), key, row_ids_B, step, temperature, top_k, top_p,
                        greedy=greedy, filtered=filtered)
 
-    def _decode_fn(self, params, state, n_steps, key, eos_E, knobs, *, static):
+    def _decode_fn(self, params, layers, state, n_steps, key, eos_E, knobs, *, static):
         m = self.m
         model = nnx.merge(self.graphdef, params)
-        n_new, t = state["tokens"].shape[1], state["cache"]["k"].shape[2]
+        n_new, t = state["tokens"].shape[1], state["cache"]["k"][0].shape[2]
         stop_at = jnp.minimum(state["step"] + n_steps, n_new)
 
         def cond(s):
@@ -169,7 +182,7 @@ class Generator:
             idx = s["index"]
             positions = (idx - s["start"])[:, None]
             mask = L.cache_mask(s["start"], idx, 1, t)
-            h, cache = model.backbone.decode(m, s["last"][:, None], positions, mask, s["cache"], idx)
+            h, cache = model.backbone.decode(m, s["last"][:, None], positions, mask, s["cache"], idx, layers)
             tok = self._pick(model, h[:, 0], key, s["row_ids"], s["step"], knobs, static)
             tok = jnp.where(s["done"], m.pad_id, tok)
             tokens = jax.lax.dynamic_update_slice_in_dim(s["tokens"], tok[:, None], s["step"], axis=1)
@@ -270,8 +283,8 @@ class Generator:
         knobs = (np.float32(sampling.temperature or 1.0), np.int32(sampling.top_k), np.float32(sampling.top_p))
         static = sampling.static
         with S.activate(self.mesh):
-            state = self._prefill(self.params, put(arr), put(start), put(rid), put(live), key, eos_arr, knobs,
-                                  n_new=n_new, cache_len=p + n_new, static=static)
+            state = self._prefill(self.params, self.layers(), put(arr), put(start), put(rid), put(live), key,
+                                  eos_arr, knobs, n_new=n_new, cache_len=p + n_new, static=static)
             stream = on_text is not None
             step_n = 1 if stream else (check_every if stop else n_new)
             shown = [""] * n
@@ -300,8 +313,8 @@ class Generator:
                         break
                 if int(jax.device_get(state["step"])) >= n_new:
                     break
-                state = self._decode(self.params, state, np.int32(step_n), key, eos_arr, knobs,
-                                     static=static)
+                state = self._decode(self.params, self.layers(), state, np.int32(step_n), key, eos_arr,
+                                     knobs, static=static)
                 if not (stop or stream) and bool(np.all(jax.device_get(state["done"])[:n])):
                     break
             tokens, lengths = jax.device_get((state["tokens"], state["lengths"]))

@@ -156,10 +156,12 @@ def _attention(q_BSHD, k_BSKD, v_BSKD, mask_B1SS, dropout_rate, rng):
 
 
 # ------------------------------------------------------------------ KV cache (generation)
-# A cache is one fixed-size buffer per layer, [B, T, kv_heads, head_dim], shared slot
+# A cache is one fixed-size buffer per layer, [B, kv_heads, T, head_dim], shared slot
 # numbering across the batch: prompts are left-padded, so row b's real tokens start at
-# slot ``start[b]`` and every row writes its next token at the same slot. Training never
-# builds a cache; these helpers only run when ``transformer.block`` is given one.
+# slot ``start[b]`` and every row writes its next token at the same slot. Heads before
+# slots is the layout both attention products read without a transposed copy of the
+# cache (XLA:CPU made one per layer and token from [B, T, K, D]). Training never builds
+# a cache; these helpers only run when ``transformer.block`` is given one.
 
 
 def cache_mask(start_B, first_slot, s: int, t: int):
@@ -173,6 +175,19 @@ def cache_mask(start_B, first_slot, s: int, t: int):
     return mask[:, None]
 
 
-def write_cache(cache_BTKD, new_BSKD, index):
+def write_cache(cache_BKTD, new_BSKD, index):
     """The cache with ``new`` written at slots index..index+S-1 (a fixed-shape update)."""
-    return jax.lax.dynamic_update_slice_in_dim(cache_BTKD, new_BSKD.astype(cache_BTKD.dtype), index, axis=1)
+    new = new_BSKD.transpose(0, 2, 1, 3).astype(cache_BKTD.dtype)
+    return jax.lax.dynamic_update_slice_in_dim(cache_BKTD, new, index, axis=2)
+
+
+def cached_attention(q_BSHD, k_BKTD, v_BKTD, mask_B1ST):
+    """``attention`` (no dropout) of S queries over a cache's T slots."""
+    with jax.named_scope("attention"):
+        b, s, h, d = q_BSHD.shape
+        kv = k_BKTD.shape[1]
+        q = q_BSHD.reshape(b, s, kv, h // kv, d)
+        logits = jnp.einsum("bskgd,bktd->bkgst", q, k_BKTD) / math.sqrt(d)
+        logits = jnp.where(mask_B1ST[:, :, None], logits.astype(jnp.float32), NEG_INF)
+        probs = jax.nn.softmax(logits, axis=-1).astype(v_BKTD.dtype)
+        return jnp.einsum("bkgst,bktd->bskgd", probs, v_BKTD).reshape(b, s, h, d)

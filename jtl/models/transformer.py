@@ -23,7 +23,7 @@ from jtl.models import layers as L
 from jtl.sharding import constrain
 
 ACT = ("batch", "length", "embed")
-CACHE = ("layers", "batch", "length", "kv_heads", "head_dim")  # generation's KV cache
+CACHE = ("batch", "kv_heads", "length", "head_dim")  # generation's KV cache, one per layer
 
 
 def is_pre_ln(cfg: ModelConfig) -> bool:
@@ -107,25 +107,33 @@ class Layers(nnx.Module):
 def block(cfg: ModelConfig, p: dict, x, mask, positions, rng, kv_cache=None):
     """One transformer layer on x [B, S, D] with this layer's params ``p``.
 
-    ``kv_cache`` (generation only): this layer's (k [B, T, K, D], v, index). The new keys
+    ``kv_cache`` (generation only): this layer's (k [B, K, T, D], v, index). The new keys
     and values are written at slots index..index+S-1, attention runs over all T slots
-    (``mask`` is then [B, 1, S, T]) and the block returns (x, (k_new, v_new))."""
+    (``mask`` is then [B, 1, S, T]) and the block returns (x, (k, v)), the updated cache.
+    Generation also passes the projections flattened to matrices ([H*D, embed] for q_w,
+    [embed, H*D] for o_w; see ``decode_layers``), so each is one plain matrix product."""
     dtype = x.dtype
+    b, s = x.shape[:2]
     rngs = jax.random.split(rng, 4) if rng is not None else [None] * 4
     pre = is_pre_ln(cfg)
     h = L.norm(x, p, "attn_norm", cfg.norm_eps) if pre else x
-    q = L.dense(h, p["q_w"], p.get("q_b"), dtype)
-    k = L.dense(h, p["k_w"], p.get("k_b"), dtype)
-    v = L.dense(h, p["v_w"], p.get("v_b"), dtype)
+    hd = cfg.dim_per_head
+    q = L.dense(h, p["q_w"], p.get("q_b"), dtype).reshape(b, s, -1, hd)
+    k = L.dense(h, p["k_w"], p.get("k_b"), dtype).reshape(b, s, -1, hd)
+    v = L.dense(h, p["v_w"], p.get("v_b"), dtype).reshape(b, s, -1, hd)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     if uses_rope(cfg):
         q, k = L.rope(q, positions, cfg.rope_theta), L.rope(k, positions, cfg.rope_theta)
     if kv_cache is not None:
         cache_k, cache_v, index = kv_cache
-        new_kv = (k, v)
         k, v = L.write_cache(cache_k, k, index), L.write_cache(cache_v, v, index)
-    o = L.attention(q, k, v, mask, dropout_rate=cfg.attention_dropout, rng=rngs[0])
-    o = jax.lax.dot_general(o, p["o_w"].astype(dtype), (((2, 3), (1, 2)), ((), ())))
+        o = L.cached_attention(q, k, v, mask)
+    else:
+        o = L.attention(q, k, v, mask, dropout_rate=cfg.attention_dropout, rng=rngs[0])
+    if p["o_w"].ndim == 2:  # generation's flattened [embed, H*D]
+        o = L.dense(o.reshape(b, s, -1), p["o_w"], None, dtype)
+    else:
+        o = jax.lax.dot_general(o, p["o_w"].astype(dtype), (((2, 3), (1, 2)), ((), ())))
     if "o_b" in p:
         o = o + p["o_b"].astype(dtype)
     x = x + constrain(L.dropout(o, cfg.dropout, rngs[1]), ACT)
@@ -140,7 +148,7 @@ def block(cfg: ModelConfig, p: dict, x, mask, positions, rng, kv_cache=None):
     x = x + constrain(L.dropout(down, cfg.dropout, rngs[2]), ACT)
     if not pre:
         x = L.norm(x, p, "mlp_norm", cfg.norm_eps)
-    return x if kv_cache is None else (x, new_kv)
+    return x if kv_cache is None else (x, (k, v))
 
 
 REMAT_POLICIES = {
@@ -199,30 +207,41 @@ class Backbone(nnx.Module):
                  else L.rms_norm(x, self.final_norm_scale[...], cfg.norm_eps))
         return x
 
-    def decode(self, cfg: ModelConfig, input_ids, positions, mask, cache: dict, index):
+    def decode(self, cfg: ModelConfig, input_ids, positions, mask, cache: dict, index, layers=None):
         """Generation with a KV cache (no dropout): input_ids [B, S] at cache slots
         index..index+S-1 -> (hidden [B, S, D], cache with their keys and values written).
 
-        ``cache`` holds ``k`` and ``v``, each [layers, B, T, kv_heads, head_dim]; ``mask``
-        [B, 1, S, T] comes from ``layers.cache_mask``; ``positions`` [B, S] count from each
-        row's first real token. Each layer reads its cache slice and returns only the new
-        entries, which are written into the stacked cache once (in place in a loop)."""
+        ``cache`` holds ``k`` and ``v``, each a list of one [B, kv_heads, T, head_dim] buffer
+        per layer; ``mask`` [B, 1, S, T] comes from ``layers.cache_mask``; ``positions``
+        [B, S] count from each row's first real token. ``layers``: one param dict per layer
+        (``decode_layers``; by default sliced from the stack here). The layers are unrolled
+        whatever ``scan_layers`` says: with a buffer per layer and weights that are their
+        own arrays, XLA updates the cache in place and reads every weight where it lies,
+        where a stacked cache or a slice of the stacked weights is copied at every token."""
         x = self.embed(cfg, input_ids, positions, None, None)
-        params = self.layers.arrays()
+        layers = decode_layers(cfg, self.layers.arrays()) if layers is None else layers
+        ks, vs = [], []
+        for p, ck, cv in zip(layers, cache["k"], cache["v"]):
+            x, (ck, cv) = block(cfg, p, x, mask, positions, None, (ck, cv, index))
+            ks.append(constrain(ck, CACHE))
+            vs.append(constrain(cv, CACHE))
+        return self.final_norm(cfg, x), {"k": ks, "v": vs}
 
-        def body(x, inputs):
-            p, ck, cv = inputs
-            return block(cfg, p, x, mask, positions, None, (ck, cv, index))
 
-        if cfg.scan_layers:
-            x, (k_new, v_new) = jax.lax.scan(body, x, (params, cache["k"], cache["v"]))
-        else:
-            outs = []
-            for i in range(cfg.layers):
-                x, kv = body(x, (jax.tree.map(lambda a: a[i], params), cache["k"][i], cache["v"][i]))
-                outs.append(kv)
-            k_new, v_new = (jnp.stack(t) for t in zip(*outs))
-        at = (0, 0, index, 0, 0)
-        cache = {n: constrain(jax.lax.dynamic_update_slice(cache[n], new.astype(cache[n].dtype), at), CACHE)
-                 for n, new in (("k", k_new), ("v", v_new))}
-        return self.final_norm(cfg, x), cache
+def decode_layers(cfg: ModelConfig, stacked: dict) -> list[dict]:
+    """The stacked layer params (``Layers.arrays()``) as one dict per layer, for generation,
+    with the attention projections flattened to matrices (q/k/v_w [H*D, embed], o_w
+    [embed, H*D]) that XLA:CPU multiplies as they lie (it transposed the [H, D, embed]
+    form into a copy first)."""
+    out = []
+    for i in range(cfg.layers):
+        p = {}
+        for name, a in stacked.items():
+            a = a[i]
+            if name in ("q_w", "k_w", "v_w", "q_b", "k_b", "v_b"):
+                a = a.reshape(-1, a.shape[-1]) if name.endswith("_w") else a.reshape(-1)
+            elif name == "o_w":
+                a = a.reshape(a.shape[0], -1)
+            p[name] = a
+        out.append(p)
+    return out
