@@ -4,7 +4,8 @@ on fixed prompts, and decode speed at batch 1 and 8, same process, alternating.
     python benchmarks/generate_vs_hf.py --weights weights/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
         --new-tokens 32 --rounds 3
 
-Both sides hold the same float32 weights: jtl's loader and
+Both sides hold the same float32 weights (``--dtype bfloat16``: jtl's rounded to bfloat16,
+and its compute in bfloat16): jtl's loader and
 ``jtl.convert.hf.torch_llama_from_gguf`` (a transformers LlamaForCausalLM) dequantize
 the file with the same reader. Parity: for each prompt (ChatML user turns), greedy
 tokens from ``jtl.generate`` and from ``model.generate(do_sample=False)``, one
@@ -36,6 +37,9 @@ def main(argv=None) -> int:
     p.add_argument("--parity-tokens", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32",
+                   help="jtl's weights and compute (transformers stays float32): bfloat16 halves the bytes "
+                        "each decode step reads; its greedy tokens may differ from float32's")
     p.add_argument("--out", default="benchmarks/results/generate")
     args = p.parse_args(argv)
     import torch
@@ -44,7 +48,7 @@ def main(argv=None) -> int:
     from jtl.convert.hf import torch_llama_from_gguf
     from jtl.generate import load
     torch.set_num_threads(args.threads)
-    gen = load(args.weights, mesh=(1, 1, 1))
+    gen = load(args.weights, mesh=(1, 1, 1), overrides=[f"model.dtype={args.dtype}", f"model.param_dtype={args.dtype}"])
     hf = torch_llama_from_gguf(args.weights)
     chats = [gen.chat_prompt([{"role": "user", "content": q}]) for q in PROMPTS]
     ids = [gen.encode(c) for c in chats]
@@ -96,7 +100,7 @@ def main(argv=None) -> int:
                       "ratio_min": min(x["ratio"] for x in rounds), "ratio_max": max(x["ratio"] for x in rounds)})
     import transformers
     doc = {"command": " ".join(["python", "benchmarks/generate_vs_hf.py"] + (argv or sys.argv[1:])),
-           "weights": args.weights, "parity": parity, "speed": speed,
+           "weights": args.weights, "jtl_dtype": args.dtype, "parity": parity, "speed": speed,
            "machine": {**bench.machine(), "torch": torch.__version__, "transformers": transformers.__version__,
                        "torch_threads": torch.get_num_threads()},
            "time_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
@@ -106,7 +110,8 @@ def main(argv=None) -> int:
                      f"**{x['ratio_median']:.2f}x** [{x['ratio_min']:.2f}-{x['ratio_max']:.2f}] | "
                      f"{100 * (x['quiet']['others_cpu_share'] or 0):.1f}% |" for x in speed)
     text = bench.write_doc(
-        Path(args.out), "generate_vs_hf", doc, f"jtl generate vs transformers generate ({args.weights})",
+        Path(args.out), "generate_vs_hf", doc,
+        f"jtl generate ({args.dtype}) vs transformers generate (float32) ({args.weights})",
         f"Greedy, {args.parity_tokens} new tokens, one prompt at a time:\n\n| prompt | same tokens | jtl | "
         f"transformers |\n|---|---|---|---|\n{prow}\n\nDecode speed, {n} new tokens per row (EOS ignored), "
         f"prefill included, median of {args.rounds} alternating rounds:\n\n| batch | jtl tokens/s | "

@@ -89,7 +89,8 @@ def cmd_generate(args) -> int:
               top_p=args.top_p, seed=args.seed, stop=args.stop or (), batch_size=args.batch_size)
     if args.no_eos:
         kw["eos"] = []
-    gen = load(args.source, overrides=args.overrides)
+    dtype = [f"model.dtype={args.dtype}", f"model.param_dtype={args.dtype}"] if args.dtype else []
+    gen = load(args.source, overrides=dtype + list(args.overrides))
     if args.prompt is not None:  # streamed to the console as the tokens come
         gen.generate([args.prompt], chat=args.chat, on_text=lambda _, piece: print(piece, end="", flush=True), **kw)
         print()
@@ -188,6 +189,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--no-eos", action="store_true", help="do not stop at the model's EOS token")
     p.add_argument("--chat", action="store_true", help="wrap each prompt as a user turn in the chat template")
     p.add_argument("--batch-size", type=int, default=8, help="prompts decoded together")
+    p.add_argument("--dtype", choices=("float32", "bfloat16"),
+                   help="weights and compute (model.param_dtype and model.dtype; default: the model's): "
+                        "bfloat16 reads half the bytes per token, its tokens may differ from float32's")
     p.set_defaults(fn=cmd_generate)
     p = sub.add_parser("eval-prompted", help="zero/k-shot label-word evaluation of a decoder on a "
                        "classification task: jtl eval-prompted MODEL TASK [--shots 0,4] (--help)")

@@ -247,3 +247,14 @@ def test_cli_bad_row_is_named_and_leaves_no_output(hf_folders, tmp_path, capsys)
         err = capsys.readouterr().err
         assert rc == 2 and f"{inp}:2" in err and says in err, err
         assert not out.exists() and [p.name for p in tmp_path.iterdir()] == ["in.jsonl"]
+
+
+def test_cli_dtype_bfloat16(hf_folders, tmp_path, capsys):
+    import jax.numpy as jnp
+    folder = hf_folders["llama"][0]
+    gen = load(folder, mesh=(1, 1, 1), overrides=["model.dtype=bfloat16", "model.param_dtype=bfloat16"])
+    assert {a.dtype for layer in gen.layers() for a in layer.values()} == {jnp.dtype(jnp.bfloat16)}
+    want = gen.generate(["w10 w11 w12"], max_new_tokens=8)[0].text
+    rc = cli.main(["-q", "generate", str(folder), "mesh.data=1", "--prompt", "w10 w11 w12", "--max-new-tokens", "8",
+                   "--dtype", "bfloat16"])
+    assert rc == 0 and capsys.readouterr().out.strip() == want.strip()
