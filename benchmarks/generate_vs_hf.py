@@ -44,7 +44,8 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     import torch
 
-    from jtl import bench
+    from jtl import bench, use_xla_defaults_for_decoding
+    use_xla_defaults_for_decoding()  # as jtl generate does
     from jtl.convert.hf import torch_llama_from_gguf
     from jtl.generate import load
     torch.set_num_threads(args.threads)

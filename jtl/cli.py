@@ -8,6 +8,8 @@ import os
 import sys
 import threading
 
+from jtl import use_xla_defaults_for_decoding
+
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
@@ -79,6 +81,7 @@ def cmd_launch(args) -> int:
 
 
 def cmd_generate(args) -> int:
+    use_xla_defaults_for_decoding()
     from jtl.config import ConfigError
     from jtl.generate import generate_file, load
     if (args.prompt is None) == (args.input is None):
@@ -101,11 +104,13 @@ def cmd_generate(args) -> int:
 
 
 def cmd_eval_prompted(args) -> int:
+    use_xla_defaults_for_decoding()
     from jtl.prompted import main as prompted_main
     return prompted_main(args.rest)
 
 
 def cmd_lm_eval(args) -> int:
+    use_xla_defaults_for_decoding()
     from jtl.config import ConfigError
     try:
         from jtl.lm_eval_adapter import main as lm_eval_main

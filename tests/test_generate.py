@@ -258,3 +258,34 @@ def test_cli_dtype_bfloat16(hf_folders, tmp_path, capsys):
     rc = cli.main(["-q", "generate", str(folder), "mesh.data=1", "--prompt", "w10 w11 w12", "--max-new-tokens", "8",
                    "--dtype", "bfloat16"])
     assert rc == 0 and capsys.readouterr().out.strip() == want.strip()
+
+
+def test_decoding_commands_take_back_jtls_training_xla_flag_but_never_the_users(tmp_path):
+    """jtl's XLA:CPU flag (YNN dot fusion off) suits the train step but halves batch-8 decoding
+    speed; generate / eval-prompted / lm-eval drop it before XLA starts, a user's flags stay."""
+    import os
+    import subprocess
+    flag = "--xla_cpu_experimental_ynn_fusion_type=-individual_dot"
+    probe = (
+        "import os, sys, jtl\n"
+        "from jtl import cli\n"
+        "before = os.environ['XLA_FLAGS']\n"
+        "rc = cli.main(['generate', sys.argv[1], '--prompt', 'hi'])\n"
+        "print(repr(before)); print(repr(os.environ['XLA_FLAGS'])); print(rc)\n")
+    missing = str(tmp_path / "no-such-model")
+    env = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JTL_XLA_DEFAULTS")}
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    out = subprocess.run([sys.executable, "-c", probe, missing], env=env, capture_output=True, text=True,
+                         timeout=120)
+    before, after, rc = out.stdout.strip().splitlines()[-3:]
+    assert flag in before and flag not in after and "device_count=2" in after, out.stdout + out.stderr
+    assert rc == "2"  # the missing model is still reported as usual
+    env["XLA_FLAGS"] += " " + flag  # the user's own choice is theirs
+    out = subprocess.run([sys.executable, "-c", probe, missing], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert flag in out.stdout.strip().splitlines()[-2], out.stdout + out.stderr
+    late = ("import os, jax, jtl\njax.devices()\n"  # XLA has started: the flags it read stay as they are
+            f"print(jtl.use_xla_defaults_for_decoding(), {flag!r} in os.environ['XLA_FLAGS'])\n")
+    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    out = subprocess.run([sys.executable, "-c", late], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr
