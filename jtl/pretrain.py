@@ -139,10 +139,10 @@ def _pretrain(cfg: Config, load_params, on_step) -> dict:
     eval_bs = cfg.train.eval_batch_size or cfg.train.batch_size
     by_generation = generation_eval(setup, tok, val_source, cfg, eval_bs) if cfg.task.generate_metric else None
 
-    def validate() -> dict:
+    def validate_lm() -> dict:
         out = evaluate_lm(setup, val_rows, eval_bs)
         return {**out, **by_generation()} if by_generation is not None else out
-    validate = validate if val_rows is not None else None
+    validate = validate_lm if val_rows is not None else None
     evaluation = Evaluation(metric, task.metric_mode(cfg, metric), validate, cfg.train.eval_every,
                             cfg.train.patience)
     def flops(width: int) -> float:  # packed rows: every batch is seq_len wide

@@ -71,10 +71,16 @@ def chat_spans(tok, msgs: list[dict], where: str) -> tuple[str, list[tuple[int, 
     return full, spans
 
 
+def _uses_template(tok, d) -> bool:
+    """prompt/response rows go through the chat template: ``data.chat_template``, else
+    whether the tokenizer has one."""
+    return d.chat_template if d.chat_template is not None else bool(getattr(tok, "chat_template", None))
+
+
 def example(tok, row: Row, cfg, eos: int | None) -> tuple[list[int], list[float]]:
     """(token ids, per-token loss weight: 1 where the token is response/assistant text)."""
     d = cfg.data
-    use_template = d.chat_template if d.chat_template is not None else bool(getattr(tok, "chat_template", None))
+    use_template = _uses_template(tok, d)
     if d.messages_field in row.data:
         if not getattr(tok, "chat_template", None):
             raise DataError(f"{row.where}: chat messages need a tokenizer with a chat template "
@@ -143,7 +149,7 @@ def generation_prompt(tok, row: Row, cfg) -> tuple[list[int], str]:
     """(prompt token ids, reference) for evaluation by generation: the tokens the model
     reads before the row's last response in training, and that response's text."""
     d = cfg.data
-    use_template = d.chat_template if d.chat_template is not None else bool(getattr(tok, "chat_template", None))
+    use_template = _uses_template(tok, d)
     if d.messages_field in row.data:
         msgs = _messages(row, d.messages_field)
         last = max(i for i, m in enumerate(msgs) if m["role"] == "assistant")
