@@ -12,7 +12,10 @@ lowering of the threefry hash for that variant (``jtl.models.layers.threefry_unr
 jtl's default is unrolled) and ``jtl.layer_norm=twopass|onepass`` the layer norm
 (jtl's two-pass statistics, or a one-pass E[x^2] - E[x]^2 version), and
 ``jtl.attention=einsum|scaleq|jaxdpa`` the attention (jtl's, 1/sqrt(d) on q instead of
-the logits, or ``jax.nn.dot_product_attention``, which has no attention dropout). Each round times ``--steps`` steps of every variant in turn (the order
+the logits, or ``jax.nn.dot_product_attention``, which has no attention dropout); ``jtl.dropout=bits8|bits32``
+(8 random bits per element, jtl's, or jax.random.bernoulli's 32), ``jtl.gelu=erf|erfc``,
+``jtl.qkv=stacked|separate`` (one product for q, k, v, or three) and ``jtl.top1=max|argmax``
+(the training accuracy). Each round times ``--steps`` steps of every variant in turn (the order
 rotates every round); the report gives each variant's median step time and its
 speed ratio to the first variant, median [min-max] over rounds. The machine's
 quietness is recorded (``jtl.bench.Quiet``); a run that was not quiet says so.
@@ -33,7 +36,12 @@ import jax  # noqa: E402
 from jtl import bench, train  # noqa: E402
 from jtl.models.layers import _attention as _SHIPPED_ATTENTION  # noqa: E402
 from jtl.models.layers import layer_norm as _SHIPPED_LAYER_NORM, threefry_unrolled_on_cpu  # noqa: E402
+from jtl.models import layers as _layers, transformer  # noqa: E402
+from jtl.tasks import base as _base, clm, mlm  # noqa: E402
 from peer_pytorch import jtl_side, timed  # noqa: E402
+
+_SHIPPED = {"dropout": _layers.dropout, "gelu": _layers.gelu, "qkv": transformer.project_qkv,
+            "top1": _base.top1_correct}
 
 
 def _layer_norm_one_pass(x, scale, bias, eps):
@@ -71,10 +79,43 @@ def _attention_jax_dpa(q_BSHD, k_BSKD, v_BSKD, mask_B1SS, dropout_rate, rng):
     return jax.nn.dot_product_attention(q_BSHD, k_BSKD, v_BSKD, mask=mask_B1SS, implementation="xla")
 
 
+def _dropout_32_bits(x, rate, rng):
+    """jtl's dropout before 8-bit masks: jax.random.bernoulli, 32 random bits per element."""
+    import jax.numpy as jnp
+    if rng is None or rate == 0.0:
+        return x
+    with jax.named_scope("dropout"):
+        keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def _gelu_erfc(x):
+    """jax.nn.gelu(approximate=False): the erfc form jtl used before."""
+    return jax.nn.gelu(x, approximate=False)
+
+
+def _qkv_separate(cfg, p, h, dtype):
+    """Three matrix products for q, k and v (jtl before the stacked product)."""
+    from jtl.models import layers as L
+    b, s = h.shape[:2]
+    return tuple(L.dense(h, p[n + "_w"], p.get(n + "_b"), dtype).reshape(b, s, -1, cfg.dim_per_head)
+                 for n in "qkv")
+
+
+def _top1_argmax(logits, labels):
+    """Training accuracy through argmax (jtl before ``tasks.base.top1_correct``)."""
+    return (logits.argmax(-1) == labels).astype("float32")
+
+
 # jtl.NAME=VALUE overrides: implementation switches that are not config keys (the
-# alternatives jtl does not ship are kept here, to compare against).
+# alternatives jtl does not ship are kept here, to compare against). Each maps a value
+# to (module, attribute, replacement); None keeps what jtl ships.
 _SWITCHES = {"layer_norm": {"twopass": None, "onepass": _layer_norm_one_pass},
-             "attention": {"einsum": None, "scaleq": _attention_scale_q, "jaxdpa": _attention_jax_dpa}}
+             "attention": {"einsum": None, "scaleq": _attention_scale_q, "jaxdpa": _attention_jax_dpa},
+             "dropout": {"bits8": None, "bits32": _dropout_32_bits},
+             "gelu": {"erf": None, "erfc": _gelu_erfc},
+             "qkv": {"stacked": None, "separate": _qkv_separate},
+             "top1": {"max": None, "argmax": _top1_argmax}}
 
 
 def apply_switches(over: list[str]) -> None:
@@ -85,6 +126,11 @@ def apply_switches(over: list[str]) -> None:
     layers.layer_norm = jax.named_scope("norm")(impl) if impl else _SHIPPED_LAYER_NORM
     impl = _SWITCHES["attention"][want.pop("attention", "einsum")]
     layers._attention = impl or _SHIPPED_ATTENTION
+    layers.dropout = _SWITCHES["dropout"][want.pop("dropout", "bits8")] or _SHIPPED["dropout"]
+    layers.gelu = _SWITCHES["gelu"][want.pop("gelu", "erf")] or _SHIPPED["gelu"]
+    transformer.project_qkv = _SWITCHES["qkv"][want.pop("qkv", "stacked")] or _SHIPPED["qkv"]
+    top1 = _SWITCHES["top1"][want.pop("top1", "max")] or _SHIPPED["top1"]
+    mlm.top1_correct = clm.top1_correct = top1
     if want:
         raise SystemExit(f"unknown jtl.* switches {sorted(want)}: known threefry, {', '.join(_SWITCHES)}")
 

@@ -117,10 +117,7 @@ def block(cfg: ModelConfig, p: dict, x, mask, positions, rng, kv_cache=None):
     rngs = jax.random.split(rng, 4) if rng is not None else [None] * 4
     pre = is_pre_ln(cfg)
     h = L.norm(x, p, "attn_norm", cfg.norm_eps) if pre else x
-    hd = cfg.dim_per_head
-    q = L.dense(h, p["q_w"], p.get("q_b"), dtype).reshape(b, s, -1, hd)
-    k = L.dense(h, p["k_w"], p.get("k_b"), dtype).reshape(b, s, -1, hd)
-    v = L.dense(h, p["v_w"], p.get("v_b"), dtype).reshape(b, s, -1, hd)
+    q, k, v = project_qkv(cfg, p, h, dtype)
     q = constrain(q, ("batch", "length", "heads", "head_dim"))
     if uses_rope(cfg):
         q, k = L.rope(q, positions, cfg.rope_theta), L.rope(k, positions, cfg.rope_theta)
@@ -149,6 +146,25 @@ def block(cfg: ModelConfig, p: dict, x, mask, positions, rng, kv_cache=None):
     if not pre:
         x = L.norm(x, p, "mlp_norm", cfg.norm_eps)
     return x if kv_cache is None else (x, (k, v))
+
+
+def project_qkv(cfg: ModelConfig, p: dict, h, dtype):
+    """h [B, S, embed] -> q [B, S, H, D], k and v [B, S, K, D].
+
+    With as many kv heads as query heads (BERT, GPT-2) the three projections are one
+    matrix product with the weights stacked [3, H, D, embed]: one pass over h, and in
+    the backward pass one product for h's gradient instead of three summed through
+    transposed copies (benchmarks/results/cpu/variants-step-intel). The stored
+    parameters stay three arrays (checkpoints and HF import unchanged). Grouped-query
+    layers and generation's flattened weights take three products."""
+    b, s = h.shape[:2]
+    if p["q_w"].ndim == 3 and p["q_w"].shape == p["k_w"].shape:
+        w = jnp.stack([p["q_w"], p["k_w"], p["v_w"]])
+        bias = jnp.stack([p["q_b"], p["k_b"], p["v_b"]]) if "q_b" in p else None
+        qkv = L.dense(h, w, bias, dtype)  # [B, S, 3, H, D]
+        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
+    hd = cfg.dim_per_head
+    return tuple(L.dense(h, p[n + "_w"], p.get(n + "_b"), dtype).reshape(b, s, -1, hd) for n in "qkv")
 
 
 REMAT_POLICIES = {

@@ -55,6 +55,15 @@ def _xent(logits, labels, smoothing):
     return optax.softmax_cross_entropy_with_integer_labels(logits, labels)
 
 
+def top1_correct(logits, labels):
+    """1.0 where the label's logit is the largest (argmax == label but for exact ties), else
+    0.0. A max over the classes and one gather: XLA:CPU's argmax (a two-output reduce)
+    took 35 ms of the MiniLM MLM train step over its 30k-word vocabulary."""
+    with jax.named_scope("loss"):
+        own = jnp.take_along_axis(logits, labels[..., None].astype(jnp.int32), axis=-1)[..., 0]
+        return (own >= logits.max(-1)).astype(jnp.float32)
+
+
 def split_rng(rng):
     """(masking rng, model rng); both None at evaluation."""
     return jax.random.split(rng) if rng is not None else (None, None)

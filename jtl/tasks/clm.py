@@ -2,7 +2,7 @@
 loss on response tokens only."""
 from __future__ import annotations
 
-from jtl.tasks.base import Task, register, xent
+from jtl.tasks.base import Task, register, top1_correct, xent
 
 
 class CLM(Task):
@@ -14,7 +14,7 @@ class CLM(Task):
         logits = self.head_logits(cfg, model, batch, rng)
         w = batch["loss_weights"]
         loss = xent(logits, batch["targets"]) * w
-        return loss.sum(), w.sum(), {"correct": ((logits.argmax(-1) == batch["targets"]) * w).sum()}
+        return loss.sum(), w.sum(), {"correct": (top1_correct(logits, batch["targets"]) * w).sum()}
 
 
 register(CLM())

@@ -4,7 +4,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jtl.tasks.base import Task, register, split_rng, xent
+from jtl.tasks.base import Task, register, split_rng, top1_correct, xent
 
 
 def mask_tokens(rng, input_ids, eligible, mask_prob: float, max_predictions: int, mask_id: int,
@@ -50,7 +50,7 @@ class MLM(Task):
         logits = model(cfg.model, batch, r_model)
         labels, w = batch["mlm_labels"], batch["mlm_weights"]
         loss = xent(logits, labels) * w
-        correct = (logits.argmax(-1) == labels) * w
+        correct = top1_correct(logits, labels) * w
         return loss.sum(), w.sum(), {"correct": correct.sum()}
 
 
