@@ -12,9 +12,9 @@ lowering of the threefry hash for that variant (``jtl.models.layers.threefry_unr
 jtl's default is unrolled) and ``jtl.layer_norm=twopass|onepass`` the layer norm
 (jtl's two-pass statistics, or a one-pass E[x^2] - E[x]^2 version), and
 ``jtl.attention=einsum|scaleq|jaxdpa`` the attention (jtl's, 1/sqrt(d) on q instead of
-the logits, or ``jax.nn.dot_product_attention``, which has no attention dropout); ``jtl.dropout=bits8|bits32``
-(8 random bits per element, jtl's, or jax.random.bernoulli's 32), ``jtl.gelu=erf|erfc``,
-``jtl.qkv=stacked|separate`` (one product for q, k, v, or three) and ``jtl.top1=max|argmax``
+the logits, or ``jax.nn.dot_product_attention``, which has no attention dropout); ``jtl.dropout=bits32|bits8``
+(jax.random.bernoulli's 32 random bits per element, jtl's, or 8), ``jtl.gelu=erf|erfc``,
+``jtl.qkv=separate|stacked`` (three products for q, k, v, jtl's, or one) and ``jtl.top1=max|argmax``
 (the training accuracy). Each round times ``--steps`` steps of every variant in turn (the order
 rotates every round); the report gives each variant's median step time and its
 speed ratio to the first variant, median [min-max] over rounds. The machine's
@@ -79,14 +79,21 @@ def _attention_jax_dpa(q_BSHD, k_BSKD, v_BSKD, mask_B1SS, dropout_rate, rng):
     return jax.nn.dot_product_attention(q_BSHD, k_BSKD, v_BSKD, mask=mask_B1SS, implementation="xla")
 
 
-def _dropout_32_bits(x, rate, rng):
-    """jtl's dropout before 8-bit masks: jax.random.bernoulli, 32 random bits per element."""
+def _dropout_8_bits(x, rate, rng):
+    """Dropout whose keep/drop decisions read 8 random bits each (four per 32-bit word, a
+    quarter of the threefry hashing), rate rounded to a multiple of 1/256 and the kept values
+    scaled by the exact inverse keep probability. The words are materialized first: fused
+    into the consumer, XLA hashed once per byte. Not shipped: no faster in the step."""
     import jax.numpy as jnp
     if rng is None or rate == 0.0:
         return x
+    drop = int(round(rate * 256))
+    if x.shape[-1] % 4 or not 0 < drop < 256:
+        return _SHIPPED["dropout"](x, rate, rng)
     with jax.named_scope("dropout"):
-        keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-        return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+        words = jax.lax.optimization_barrier(jax.random.bits(rng, (*x.shape[:-1], x.shape[-1] // 4), jnp.uint32))
+        keep = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(x.shape) >= drop
+        return jnp.where(keep, x * jnp.asarray(256.0 / (256 - drop), x.dtype), 0).astype(x.dtype)
 
 
 def _gelu_erfc(x):
@@ -94,12 +101,17 @@ def _gelu_erfc(x):
     return jax.nn.gelu(x, approximate=False)
 
 
-def _qkv_separate(cfg, p, h, dtype):
-    """Three matrix products for q, k and v (jtl before the stacked product)."""
+def _qkv_stacked(cfg, p, h, dtype):
+    """q, k and v as one product with the weights stacked [3, H, D, embed] (multi-head
+    layers only). Not shipped: no faster in the step."""
+    import jax.numpy as jnp
     from jtl.models import layers as L
-    b, s = h.shape[:2]
-    return tuple(L.dense(h, p[n + "_w"], p.get(n + "_b"), dtype).reshape(b, s, -1, cfg.dim_per_head)
-                 for n in "qkv")
+    if p["q_w"].shape != p["k_w"].shape:  # grouped-query: three products
+        return _SHIPPED["qkv"](cfg, p, h, dtype)
+    w = jnp.stack([p["q_w"], p["k_w"], p["v_w"]])
+    bias = jnp.stack([p["q_b"], p["k_b"], p["v_b"]]) if "q_b" in p else None
+    qkv = L.dense(h, w, bias, dtype)  # [B, S, 3, H, D]
+    return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
 
 
 def _top1_argmax(logits, labels):
@@ -112,9 +124,9 @@ def _top1_argmax(logits, labels):
 # to (module, attribute, replacement); None keeps what jtl ships.
 _SWITCHES = {"layer_norm": {"twopass": None, "onepass": _layer_norm_one_pass},
              "attention": {"einsum": None, "scaleq": _attention_scale_q, "jaxdpa": _attention_jax_dpa},
-             "dropout": {"bits8": None, "bits32": _dropout_32_bits},
+             "dropout": {"bits32": None, "bits8": _dropout_8_bits},
              "gelu": {"erf": None, "erfc": _gelu_erfc},
-             "qkv": {"stacked": None, "separate": _qkv_separate},
+             "qkv": {"separate": None, "stacked": _qkv_stacked},
              "top1": {"max": None, "argmax": _top1_argmax}}
 
 
@@ -126,9 +138,9 @@ def apply_switches(over: list[str]) -> None:
     layers.layer_norm = jax.named_scope("norm")(impl) if impl else _SHIPPED_LAYER_NORM
     impl = _SWITCHES["attention"][want.pop("attention", "einsum")]
     layers._attention = impl or _SHIPPED_ATTENTION
-    layers.dropout = _SWITCHES["dropout"][want.pop("dropout", "bits8")] or _SHIPPED["dropout"]
+    layers.dropout = _SWITCHES["dropout"][want.pop("dropout", "bits32")] or _SHIPPED["dropout"]
     layers.gelu = _SWITCHES["gelu"][want.pop("gelu", "erf")] or _SHIPPED["gelu"]
-    transformer.project_qkv = _SWITCHES["qkv"][want.pop("qkv", "stacked")] or _SHIPPED["qkv"]
+    transformer.project_qkv = _SWITCHES["qkv"][want.pop("qkv", "separate")] or _SHIPPED["qkv"]
     top1 = _SWITCHES["top1"][want.pop("top1", "max")] or _SHIPPED["top1"]
     mlm.top1_correct = clm.top1_correct = top1
     if want:

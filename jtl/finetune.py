@@ -193,7 +193,7 @@ def _finetune(cfg: Config, load_params, on_step) -> dict:
         return done
 
     def flops(width: int) -> float:  # each bucketed batch's own width (MFU of short batches)
-        return train_flops_per_step(cfg.model, B, width, cfg.task.kind)
+        return train_flops_per_step(cfg.model, B, width, cfg.task.kind, freeze=cfg.optim.freeze)
     eval_bs = _eval_batch_size(cfg, mesh)
     val = enc.get("validation")
     evaluation = Evaluation(metric, task.metric_mode(cfg, metric),

@@ -51,15 +51,24 @@ def layer_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 
 
 def train_flops_per_step(cfg: ModelConfig, batch: int, seq_len: int, task: str = "mlm",
-                         mlm_predictions: int = 0) -> float:
-    """Model FLOPs of one training step on ``batch`` rows of ``seq_len`` (see module doc)."""
+                         mlm_predictions: int = 0, freeze: tuple[str, ...] = ()) -> float:
+    """Model FLOPs of one training step on ``batch`` rows of ``seq_len`` (see module doc).
+
+    ``freeze`` (``optim.freeze``): frozen transformer layers cost their forward pass and,
+    when the embeddings below them still train, the backward pass for their inputs only
+    (2x forward, not 3x); a wholly frozen backbone costs its forward pass alone."""
+    from jtl.optim import is_frozen
     tokens = batch * seq_len
+    passes = 3.0
+    if freeze and is_frozen(("backbone", "layers", "q_w"), tuple(freeze)):
+        passes = 1.0 if is_frozen(("backbone", "embed", "tokens"), tuple(freeze)) else 2.0
     fwd = tokens * cfg.layers * layer_flops_per_token(cfg, seq_len)
+    head = 0.0
     if task == "clm":
-        fwd += tokens * 2 * cfg.hidden * cfg.vocab_size
+        head = tokens * 2 * cfg.hidden * cfg.vocab_size
     elif task == "mlm":
-        fwd += batch * mlm_predictions * (2 * cfg.hidden * cfg.hidden + 2 * cfg.hidden * cfg.vocab_size)
-    return 3.0 * fwd
+        head = batch * mlm_predictions * (2 * cfg.hidden * cfg.hidden + 2 * cfg.hidden * cfg.vocab_size)
+    return passes * fwd + 3.0 * head
 
 
 def device_kind() -> str:

@@ -146,7 +146,8 @@ def _pretrain(cfg: Config, load_params, on_step) -> dict:
     evaluation = Evaluation(metric, task.metric_mode(cfg, metric), validate, cfg.train.eval_every,
                             cfg.train.patience)
     def flops(width: int) -> float:  # packed rows: every batch is seq_len wide
-        return train_flops_per_step(cfg.model, cfg.train.batch_size, width, task.head, P)  # sft: the clm head
+        return train_flops_per_step(cfg.model, cfg.train.batch_size, width, task.head, P,
+                                    freeze=cfg.optim.freeze)  # sft: the clm head
     writer = MetricWriter(out_dir, fresh=resumed.step == 0)
     try:
         out = train_loop(cfg, setup, it, total=total, ckdir=ckdir, writer=writer, evaluation=evaluation,

@@ -103,33 +103,16 @@ def activation(name: str):
 
 
 def dropout(x, rate: float, rng):
-    """Inverted dropout; ``rng=None`` means deterministic (eval).
-
-    Each element's keep/drop decision reads 8 random bits (four per 32-bit word of the
-    generator) where the rate is within 2% of a multiple of 1/256 (0.1 -> 26/256 = 0.1016,
-    0.2 -> 0.1992), and the kept values are scaled by the exact inverse of that keep
-    probability, so the expectation is unchanged; other rates (0.01) draw 32 bits. One 32-bit word per element, as ``jax.random.bernoulli``
-    draws, made the random bits a fifth of the MiniLM train step on CPU, and the attention
-    dropout mask is recomputed in the backward pass (benchmarks/results/cpu/variants-step-intel)."""
+    """Inverted dropout; ``rng=None`` means deterministic (eval). One 32-bit random word
+    per element (``jax.random.bernoulli``): masks packed from 8-bit draws, a quarter of the
+    hashing, made the MiniLM train step no faster on CPU, since the mask fuses into the
+    softmax and residual passes whose memory traffic dominates
+    (benchmarks/results/cpu/variants-step-intel, ``jtl.dropout=bits8``)."""
     if rng is None or rate == 0.0:
         return x
     with jax.named_scope("dropout"):  # scope names label the profile (benchmarks/profile_step.py)
-        keep, scale = keep_mask(rng, rate, x.shape)
-        return jnp.where(keep, x * jnp.asarray(scale, x.dtype), 0).astype(x.dtype)
-
-
-def keep_mask(rng, rate: float, shape: tuple):
-    """(bool mask [shape] of kept elements, scale 1/P(keep)); 8 random bits per element
-    (``dropout``) when the last axis is a multiple of 4 and the rate is close enough to
-    a multiple of 1/256, else 32."""
-    if not 0.0 <= rate < 1.0:
-        raise ValueError(f"dropout rate must be in [0, 1), got {rate}")
-    drop = int(round(rate * 256))
-    if shape and shape[-1] % 4 == 0 and 0 < drop < 256 and abs(drop / 256 - rate) <= 0.02 * rate:
-        words = jax.random.bits(rng, (*shape[:-1], shape[-1] // 4), jnp.uint32)
-        bytes_ = jax.lax.bitcast_convert_type(words, jnp.uint8).reshape(shape)  # [..., n/4, 4] -> [..., n]
-        return bytes_ >= drop, 256.0 / (256 - drop)
-    return jax.random.bernoulli(rng, 1.0 - rate, shape), 1.0 / (1.0 - rate)
+        keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+        return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
 
 
 def attention_mask(segment_ids, causal: bool):

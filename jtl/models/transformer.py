@@ -149,22 +149,11 @@ def block(cfg: ModelConfig, p: dict, x, mask, positions, rng, kv_cache=None):
 
 
 def project_qkv(cfg: ModelConfig, p: dict, h, dtype):
-    """h [B, S, embed] -> q [B, S, H, D], k and v [B, S, K, D].
-
-    With as many kv heads as query heads (BERT, GPT-2) the three projections are one
-    matrix product with the weights stacked [3, H, D, embed]: one pass over h, and in
-    the backward pass one product for h's gradient instead of three summed through
-    transposed copies (benchmarks/results/cpu/variants-step-intel). The stored
-    parameters stay three arrays (checkpoints and HF import unchanged). Grouped-query
-    layers and generation's flattened weights take three products."""
+    """h [B, S, embed] -> q [B, S, H, D], k and v [B, S, K, D]: three products. One product
+    with the weights stacked was no faster on CPU (benchmarks/step_variants.py ``jtl.qkv``)."""
     b, s = h.shape[:2]
-    if p["q_w"].ndim == 3 and p["q_w"].shape == p["k_w"].shape:
-        w = jnp.stack([p["q_w"], p["k_w"], p["v_w"]])
-        bias = jnp.stack([p["q_b"], p["k_b"], p["v_b"]]) if "q_b" in p else None
-        qkv = L.dense(h, w, bias, dtype)  # [B, S, 3, H, D]
-        return qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    hd = cfg.dim_per_head
-    return tuple(L.dense(h, p[n + "_w"], p.get(n + "_b"), dtype).reshape(b, s, -1, hd) for n in "qkv")
+    return tuple(L.dense(h, p[n + "_w"], p.get(n + "_b"), dtype).reshape(b, s, -1, cfg.dim_per_head)
+                 for n in "qkv")
 
 
 REMAT_POLICIES = {
