@@ -1,12 +1,15 @@
 """jtl vs Hugging Face Transformers on PyTorch: same shape, batch, row length,
-optimizer (AdamW, fp32), same machine, same process, alternating.
+optimizer (AdamW, fp32), same machine, alternating.
 
     .venv/bin/python benchmarks/peer_pytorch.py --presets minilm-l6:32,bert-base:16 \
         --rounds 5 --steps 3 --out benchmarks/results/cpu
 
 Each round times ``--steps`` jtl steps (``jtl.train.build(...).train_step``)
 then ``--steps`` PyTorch steps; the reported ratio is the median over rounds of
-(jtl tokens/s) / (PyTorch tokens/s). The host's float32 matmul peak is measured
+(jtl tokens/s) / (PyTorch tokens/s). PyTorch runs in its own worker process that
+waits on a pipe while jtl runs (``--same-process`` runs it in jtl's process, as
+before; there jtl's BERT-base throughput rose round by round, 252 to 319 tokens/s,
+in benchmarks/results/cpu/peer-quiet-intel-gelu). The host's float32 matmul peak is measured
 in the same run, through XLA and through torch, and the larger one is the
 denominator of both sides' MFU.
 
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import statistics
 import sys
 import time
@@ -126,9 +130,46 @@ def timed(fn, n: int) -> tuple[float, float]:
     return statistics.median(wall), statistics.median(cpu)
 
 
-def one_round(r, preset, batch, seq, tokens, jtl_step, torch_step, steps) -> dict:
+def _torch_worker(conn, cfg, host, full_head: bool, threads: int):
+    """The PyTorch side in its own process: builds the model, then times ``n`` steps per
+    request and answers (median wall s, median CPU s, this process's CPU seconds so far)."""
+    torch.set_num_threads(threads)
+    side = TorchSide(cfg, host, full_head)
+    conn.send("ready")
+    while (n := conn.recv()) is not None:
+        wall, cpu = timed(side.step, n)
+        t = os.times()
+        conn.send((wall, cpu, t.user + t.system))
+
+
+class TorchWorker:
+    """``timed(n)`` for a PyTorch side that runs in a separate process, so that neither
+    framework's allocator, thread pools or caches share a process with the other's."""
+
+    def __init__(self, cfg, host, full_head: bool, threads: int):
+        import multiprocessing as mp
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(target=_torch_worker, args=(child, cfg, host, full_head, threads), daemon=True)
+        self.proc.start()
+        if self.conn.recv() != "ready":
+            raise SystemExit("the PyTorch worker did not start")
+        self.cpu_s = 0.0
+
+    def timed(self, n: int) -> tuple[float, float]:
+        self.conn.send(n)
+        wall, cpu, self.cpu_s = self.conn.recv()
+        return wall, cpu
+
+    def close(self):
+        self.conn.send(None)
+        self.proc.join(timeout=30)
+
+
+def one_round(r, preset, batch, seq, tokens, jtl_step, torch_timed, steps) -> dict:
+    """One jtl turn then one PyTorch turn; ``torch_timed(n)`` -> (median wall s, CPU s)."""
     tj, cj = timed(jtl_step, steps)
-    tt, ct = timed(torch_step, steps)
+    tt, ct = torch_timed(steps)
     print(f"[peer] {preset} b{batch} s{seq} round {r}: jtl {tokens / tj:.0f} tok/s, "
           f"torch {tokens / tt:.0f} tok/s, ratio {tt / tj:.2f}, CPU-time ratio {ct / cj:.2f}",
           file=sys.stderr, flush=True)
@@ -156,18 +197,29 @@ def jtl_side(cfg):
 
 
 def compare(preset: str, batch: int, seq: int, rounds: int, steps: int, full_head: bool, peak: float,
-            warmup: int = 2, overrides=()) -> dict:
+            warmup: int = 2, overrides=(), same_process: bool = False, threads: int = 2) -> dict:
     cfg = bench.bench_config(preset, batch, seq, "float32", overrides)
     spec = bench.task_spec(cfg)
     host = bench.synthetic_batch(cfg)
     jtl_step, _, compile_s = jtl_side(cfg)
-    side = TorchSide(cfg, host, full_head)
+    worker = None
+    if same_process:
+        side = TorchSide(cfg, host, full_head)
+        torch_timed = lambda n: timed(side.step, n)  # noqa: E731
+    else:
+        worker = TorchWorker(cfg, host, full_head, threads)
+        torch_timed = worker.timed
     for _ in range(warmup):  # first calls allocate
-        jtl_step(), side.step()
+        jtl_step()
+    torch_timed(warmup)
     tokens = batch * seq
-    with bench.Quiet(f"peer {preset}") as quiet:
-        per_round = [one_round(r, preset, batch, seq, tokens, jtl_step, side.step, steps)
-                     for r in range(rounds)]
+    try:
+        with bench.Quiet(f"peer {preset}", helpers_cpu_s=(lambda: worker.cpu_s) if worker else None) as quiet:
+            per_round = [one_round(r, preset, batch, seq, tokens, jtl_step, torch_timed, steps)
+                         for r in range(rounds)]
+    finally:
+        if worker:
+            worker.close()
     print(f"[peer] {preset}: {quiet.describe()}", file=sys.stderr, flush=True)
 
     flops = train_flops_per_step(cfg.model, batch, seq, cfg.task.kind, spec.max_predictions)
@@ -176,6 +228,7 @@ def compare(preset: str, batch: int, seq: int, rounds: int, steps: int, full_hea
     return {"preset": preset, "batch": batch, "seq": seq, "dtype": "float32", "task": cfg.task.kind,
             "torch_head": "full (stock HF labels=)" if full_head else "masked positions only",
             "jtl_compile_s": compile_s, "rounds": per_round, "quiet": quiet.report(),
+            "torch_process": "the same as jtl's" if same_process else "its own (a worker process)",
             "ratio_median": statistics.median(p["ratio"] for p in per_round),
             "cpu_ratio_median": statistics.median(p["cpu_ratio"] for p in per_round),
             "jtl_cpu_s_per_step": statistics.median(p["jtl_cpu_s"] for p in per_round),
@@ -197,6 +250,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per side before the rounds")
     p.add_argument("--torch-full-head", action="store_true")
+    p.add_argument("--same-process", action="store_true",
+                   help="run PyTorch in jtl's process (default: its own worker process, taking turns)")
     p.add_argument("--out", default="runs/bench/peer")
     p.add_argument("--note", default="", help="what else was running (recorded in the report)")
     args = p.parse_args(argv)
@@ -208,7 +263,7 @@ def main(argv=None) -> int:
     for item in args.presets.split(","):
         name, _, b = item.partition(":")
         results.append(compare(name, int(b or 32), args.seq, args.rounds, args.steps, args.torch_full_head,
-                               peak, args.warmup))
+                               peak, args.warmup, same_process=args.same_process, threads=args.threads))
         write(args, results, jp, tp)  # after each preset, so a long run keeps what it finished
     return 0
 
@@ -242,7 +297,8 @@ def write(args, results, jp, tp):
     (out / "peer_pytorch.json").write_text(json.dumps(doc, indent=1))
     mach = "\n".join(f"- {k}: {v}" for k, v in machine.items())
     (out / "peer_pytorch.md").write_text(
-        f"# jtl vs Hugging Face PyTorch (fp32, AdamW, same process, alternating)\n\n`{doc['command']}` "
+        f"# jtl vs Hugging Face PyTorch (fp32, AdamW, alternating; PyTorch in "
+        f"{'the same process' if args.same_process else 'its own process'})\n\n`{doc['command']}` "
         f"at {doc['time_utc']}\n\n{table}\n\nHost float32 matmul peak: XLA {jp / 1e9:.1f} GFLOP/s, "
         f"torch {tp / 1e9:.1f} GFLOP/s (MFU uses the larger). Running alongside: {args.note or 'not recorded'}."
         f"\n\nMachine:\n{mach}\n")

@@ -32,8 +32,10 @@ class Quiet:
     """
     OTHERS_LIMIT, LOAD_LIMIT = 0.1, 0.5  # cores other processes may use; load when no /proc/stat
 
-    def __init__(self, label: str = "bench"):
-        self.label, self.result = label, None
+    def __init__(self, label: str = "bench", helpers_cpu_s=None):
+        """``helpers_cpu_s``: a callable giving the CPU seconds that live helper processes of
+        this run (e.g. a benchmark's worker) have used so far; their work is not others'."""
+        self.label, self.result, self.helpers_cpu_s = label, None, helpers_cpu_s
 
     @staticmethod
     def _busy_s():
@@ -45,10 +47,10 @@ class Quiet:
         user, nice, system, idle, iowait, irq, softirq, steal = v
         return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
 
-    @staticmethod
-    def _own_s():
+    def _own_s(self):
         t = os.times()
-        return t.user + t.system + t.children_user + t.children_system
+        helpers = self.helpers_cpu_s() if self.helpers_cpu_s else 0.0
+        return t.user + t.system + t.children_user + t.children_system + helpers
 
     def __enter__(self):
         self.load_before = os.getloadavg()[0]
