@@ -76,6 +76,7 @@ def cmd_export(args) -> int:
 
 
 def cmd_launch(args) -> int:
+    """``jtl launch`` (routed here before argparse: the launcher parses its own flags)."""
     from jtl.run.launch import main as launch_main
     return launch_main(args.rest)
 
@@ -213,11 +214,10 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     lead = [a for a in argv[:2] if a in ("-q", "--quiet")]
     if argv[len(lead):len(lead) + 1] == ["launch"]:  # own flags; everything after -- is the command
-        from jtl.run.launch import main as launch_main
         rest = argv[len(lead) + 1:]
         if lead and "--" in rest:  # jtl -q launch ... -- train ...: the processes are quiet too
             rest.insert(rest.index("--") + 1, "-q")
-        return launch_main(rest)
+        return cmd_launch(argparse.Namespace(rest=rest))
     if argv[:1] == ["bench"]:  # the bench tool parses its own flags (incl. --help)
         _setup_logging(True)
         from jtl.bench import main as bench_main
