@@ -123,3 +123,7 @@ def test_quickstart_path_at_toy_size(tmp_path, repo, monkeypatch):
             assert b[f"{arm}_mean"] == pytest.approx(sum(accs) / 2)
         assert b["gain"] == pytest.approx(b["pretrained_mean"] - b["scratch_mean"])
     assert sys.modules["quickstart"].table(res["budgets"], [0, 1]).count("\n") == 2
+    qs = sys.modules["quickstart"]
+    assert qs.scored_on([]) == "SST-2 validation accuracy"
+    assert qs.scored_on(["train.steps=3", "data.validation=/x/dev.jsonl"]) == "accuracy on dev.jsonl"
+    assert "accuracy on dev.jsonl" in qs.table(res["budgets"], [0, 1], qs.scored_on(["data.validation=dev.jsonl"]))
