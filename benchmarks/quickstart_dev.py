@@ -7,8 +7,8 @@ not in the unlabelled MLM text, the labelled sample or validation), then runs th
 start scored on it:
 
     python benchmarks/quickstart_dev.py --out runs/qs-dev [-- quick-start arguments]
-    python benchmarks/quickstart_dev.py --out runs/qs-dev -- --budgets 50,200 \\
-        --pretrain model.pre_ln=true --finetune model.pre_ln=true
+    python benchmarks/quickstart_dev.py --out runs/qs-dev-probe -- --budgets 50,200 \\
+        --finetune-steps 200 --finetune 'optim.freeze=[backbone]' optim.lr=3e-3
 
 Everything after ``--`` goes to ``examples/quickstart.py``; ``data.validation`` of its
 fine-tuning runs is set to the dev split.
